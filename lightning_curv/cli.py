@@ -20,6 +20,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -430,8 +431,6 @@ class CurvCLI(LightningCLI):
             while run_dir.exists():
                 suffix += 1
                 run_dir = base.with_name(f"{base.name}-{suffix}")
-        self._created_run_dir = not run_dir.exists()
-        run_dir.mkdir(parents=True, exist_ok=True)
         os.environ[RUN_DIR_ENV] = str(run_dir)
         config.run_dir = str(run_dir)
         config.trainer.default_root_dir = str(run_dir)
@@ -442,8 +441,9 @@ class CurvCLI(LightningCLI):
                 init.save_dir = str(run_dir)
             if init.get("name") is None:
                 init.name = run_dir.name
-        if os.environ.get("LOCAL_RANK", "0") == "0":
-            atomic_write_text(run_dir / "config.yaml", self._parser(self.subcommand).dump(config, skip_none=False))
+        with warnings.catch_warnings():  # jsonargparse deprecates skip_none, but keeping None values is the point
+            warnings.simplefilter("ignore")
+            self._config_text = self._parser(self.subcommand).dump(config, skip_none=False)
 
     # ------------------------------------------------------------------ subcommands that take stage sections
     def _section(self, name: str) -> Any:
@@ -480,7 +480,12 @@ class CurvCLI(LightningCLI):
         self._run(fit_and_finish, **kwargs)
 
     def _run(self, fn: Any, **kwargs: Any) -> None:
+        # The run directory is made only once every class was instantiated, so bad configs leave nothing behind.
         run_dir = Path(self.config[self.subcommand].run_dir)
+        self._created_run_dir = not run_dir.exists()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            atomic_write_text(run_dir / "config.yaml", self._config_text)
         try:
             fn(**kwargs)
         except BaseException:
