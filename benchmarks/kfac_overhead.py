@@ -90,9 +90,11 @@ def main() -> None:
     for f in factors.values():
         eigendecompose(f)
     print(f"eigendecomposition of {len(factors)} modules (float64):   {(time.perf_counter() - start) * 1e3:8.1f} ms")
-    print(f"RATIO all_layers_fp32={results['all 4 layers, float32'][0] / baseline:.3f} "
-          f"all_layers_fp64={results['all 4 layers, float64'][0] / baseline:.3f} "
-          f"last_layer_fp32={results['last layer only, float32'][0] / baseline:.3f}")
+    print(
+        f"RATIO all_layers_fp32={results['all 4 layers, float32'][0] / baseline:.3f} "
+        f"all_layers_fp64={results['all 4 layers, float64'][0] / baseline:.3f} "
+        f"last_layer_fp32={results['last layer only, float32'][0] / baseline:.3f}"
+    )
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import sys
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,6 +33,14 @@ from lightning.pytorch.loggers import WandbLogger
 
 from lightning_curv.callbacks.edit import EditCallback
 from lightning_curv.callbacks.kfac import KFACCallback
+from lightning_curv.compare import (
+    CompareOptions,
+    plot_comparison,
+    run_post_hoc,
+    summarize,
+    train_example_tied_dropout,
+    write_csv,
+)
 from lightning_curv.curvature import atomic_write_json, atomic_write_text, check_rho, read_metadata
 from lightning_curv.models.base import stage_metrics
 from lightning_curv.reporting import (
@@ -108,6 +116,9 @@ def _require_file(path: str | None, what: str, hint: str) -> None:
 class CurvTrainer(Trainer):
     """A Lightning ``Trainer`` with the curvature workflow as methods (each one a CLI subcommand)."""
 
+    #: Summary of the last :meth:`collect` (factor path, modules, sample count, time).
+    collect_summary: dict[str, Any] | None = None
+
     # ------------------------------------------------------------------ helpers
     @property
     def run_dir(self) -> Path:
@@ -121,6 +132,17 @@ class CurvTrainer(Trainer):
     def _evaluate_metrics(self, model: pl.LightningModule, datamodule: Any, ckpt_path: str | None = None) -> dict:
         self.validate(model, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
         return stage_metrics(self.callback_metrics, "val")
+
+    def _evaluate_reference(self, model: pl.LightningModule, datamodule: Any, ckpt_path: str | None) -> dict:
+        """Evaluate the unedited model and record it as the reference of later nDCG@10 scores (LMs)."""
+        recorder = getattr(model, "start_reference_recording", None)
+        if callable(recorder):
+            recorder()
+        try:
+            return self._evaluate_metrics(model, datamodule, ckpt_path)
+        finally:
+            if callable(recorder):
+                model.stop_reference_recording()
 
     # ------------------------------------------------------------------ fit
     def finish_fit(self, model: pl.LightningModule, datamodule: Any) -> dict[str, float]:
@@ -193,17 +215,15 @@ class CurvTrainer(Trainer):
             self.predict_loop.inference_mode = inference_mode
             self.callbacks.remove(callback)
         factors = callback.factors
-        n = next(iter(factors.values())).num_samples
-        self._write_metrics(
-            {
-                "command": "collect",
-                "factors": str(callback.output_path),
-                "modules": list(factors),
-                "num_samples": n,
-                "fisher": options.fisher,
-                "seconds": round(time.perf_counter() - start, 2),
-            }
-        )
+        self.collect_summary = {
+            "command": "collect",
+            "factors": str(callback.output_path),
+            "modules": list(factors),
+            "num_samples": next(iter(factors.values())).num_samples,
+            "fisher": options.fisher,
+            "seconds": round(time.perf_counter() - start, 2),
+        }
+        self._write_metrics(self.collect_summary)
         return callback.output_path
 
     # ------------------------------------------------------------------ edit
@@ -244,12 +264,7 @@ class CurvTrainer(Trainer):
         ckpt_path: str | None,
         command: str,
     ) -> dict[str, Any]:
-        recorder = getattr(model, "start_reference_recording", None)
-        if callable(recorder):
-            recorder()
-        before = self._evaluate_metrics(model, datamodule, ckpt_path)
-        if callable(recorder):
-            model.stop_reference_recording()
+        before = self._evaluate_reference(model, datamodule, ckpt_path)
         callback.prepare(model.model)  # checks the factors against the unedited weights
         self.callbacks.append(callback)
         edits = []
@@ -267,7 +282,8 @@ class CurvTrainer(Trainer):
                     {
                         "rho": rho,
                         "modules": list(handle_stats),
-                        "kept_pairs_fraction": sum(s.kept_pairs for s in stats) / max(sum(s.total_pairs for s in stats), 1),
+                        "kept_pairs_fraction": sum(s.kept_pairs for s in stats)
+                        / max(sum(s.total_pairs for s in stats), 1),
                         "removed_energy": sum(s.removed_energy for s in stats) / max(len(stats), 1),
                         **metrics,
                     }
@@ -318,14 +334,102 @@ class CurvTrainer(Trainer):
         if util is None:
             return
         png = plot_tradeoff(
-            {"curvature edit": edits}, mem_key, util[0], self.run_dir / "edit_tradeoff.png",
-            before=before, selected=selected, title=f"{payload['command']}: memorization vs utility",
+            {"curvature edit": edits},
+            mem_key,
+            util[0],
+            self.run_dir / "edit_tradeoff.png",
+            before=before,
+            selected=selected,
+            title=f"{payload['command']}: memorization vs utility",
         )
         if isinstance(self.logger, WandbLogger):
             self.logger.log_image("edit/tradeoff", [str(png)])
             self.logger.log_table(
                 "edit/sweep", columns=[str(c) for c in columns], data=[[_cell(r.get(c)) for c in columns] for r in rows]
             )
+
+    # ------------------------------------------------------------------ compare
+    def compare(
+        self,
+        model: pl.LightningModule,
+        datamodule: pl.LightningDataModule | None = None,
+        ckpt_path: str | None = None,
+        factors: str | None = None,
+        edit_options: EditOptions | None = None,
+        compare_options: CompareOptions | None = None,
+        make_trainer: Any = None,
+    ) -> dict[str, Any]:
+        """Compare the curvature edit with weight-SVD, random-pair controls, BalancedSubnet, example-tied dropout.
+
+        Args:
+            model: The LightningModule (trained weights: a checkpoint or a pretrained directory).
+            datamodule: Data module with a memorized set split into selection and test halves.
+            ckpt_path: Lightning checkpoint to load first.
+            factors: Factor file for this checkpoint; None collects one first (``collect:`` defaults).
+            edit_options: The ``edit:`` section (curvature strengths, modules, utility limits).
+            compare_options: The ``compare:`` section.
+            make_trainer: Builds a fresh Trainer for methods that train their own model (the CLI passes one).
+
+        Returns:
+            The ``metrics.json`` payload: ``before``, ``rows``, ``summary`` and ``notes``.
+        """
+        edit_options = edit_options or EditOptions()
+        compare_options = compare_options or CompareOptions()
+        _require_file(ckpt_path, "checkpoint", "Pass a checkpoint written by `fit` (runs/.../checkpoints/*.ckpt).")
+        if factors is not None:
+            read_metadata(factors)
+        before = self._evaluate_reference(model, datamodule, ckpt_path)
+        if factors is None:
+            factors = str(self.collect(model, datamodule))
+        eigens = EditCallback(factors=factors, modules=edit_options.modules).prepare(model.model)
+        rows, notes = run_post_hoc(
+            model.model,
+            eigens,
+            edit_options.rho,
+            compare_options,
+            lambda: self._evaluate_metrics(model, datamodule),
+            datamodule,
+        )
+        if "example_tied_dropout" in compare_options.methods:
+            if make_trainer is None:
+                notes.append("example_tied_dropout skipped: no trainer factory to train its model")
+            else:
+                extra, extra_notes = train_example_tied_dropout(
+                    model,
+                    datamodule,
+                    make_trainer,
+                    compare_options,
+                    lambda trainer, m: (
+                        trainer.validate(m, datamodule=datamodule, verbose=False),
+                        stage_metrics(trainer.callback_metrics, "val"),
+                    )[1],
+                )
+                rows, notes = rows + extra, notes + extra_notes
+        summary = summarize(before, rows, edit_options.max_drop, edit_options.max_increase)
+        payload = {
+            "command": "compare",
+            "factors": factors,
+            "before": before,
+            "rows": rows,
+            "summary": summary,
+            "notes": notes,
+        }
+        if self.is_global_zero:
+            write_csv(rows, self.run_dir / "comparison.csv")
+            png = plot_comparison(before, rows, self.run_dir / "comparison.png")
+            mem = report_key(selection_key(before))
+            util = utility_key(before)
+            columns = ["method", "strength", mem, selection_key(before)] + ([util[0]] if util else [])
+            columns += ["removed_energy"]
+            print("\n" + format_table([{"method": "before", **before}, *rows], columns))
+            print("\nChosen on the selection half within the utility limits, reported on the test half:")
+            print(format_table(summary, ["method", "strength", mem] + ([util[0]] if util else []) + ["criterion"]))
+            for note in notes:
+                print(f"note: {note}")
+            if png is not None and isinstance(self.logger, WandbLogger):
+                self.logger.log_image("compare/pareto", [str(png)])
+        self._write_metrics(payload)
+        return payload
 
     # ------------------------------------------------------------------ pipeline
     def pipeline(
@@ -336,7 +440,7 @@ class CurvTrainer(Trainer):
         collect_options: CollectOptions | None = None,
         edit_options: EditOptions | None = None,
     ) -> dict[str, Any]:
-        """fit -> collect -> edit (ρ sweep, selection) -> evaluate the selected edit, in one run directory.
+        """Fit -> collect -> edit (ρ sweep, selection) -> evaluate the selected edit, in one run directory.
 
         Args:
             model: The LightningModule.
@@ -352,10 +456,16 @@ class CurvTrainer(Trainer):
         self.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
         fit_metrics = self.finish_fit(model, datamodule)
         factors = self.collect(model, datamodule, options=collect_options)
-        payload = self._sweep(model, datamodule, EditCallback(factors=str(factors), modules=edit_options.modules),
-                              edit_options, None, command="pipeline")
+        payload = self._sweep(
+            model,
+            datamodule,
+            EditCallback(factors=str(factors), modules=edit_options.modules),
+            edit_options,
+            None,
+            command="pipeline",
+        )
         payload = {"command": "pipeline", "fit": fit_metrics, "factors": str(factors), **payload}
-        payload["command"] = "pipeline"
+        payload["collect"] = {k: v for k, v in self.collect_summary.items() if k != "command"}
         if payload["selected"] is not None:
             payload["evaluate"] = self._evaluate_metrics(model, datamodule)
         self._write_metrics(payload)
@@ -403,13 +513,17 @@ class CurvCLI(LightningCLI):
             "collect": {"model", "datamodule", "options"},
             "edit": {"model", "datamodule", "options"},
             "pipeline": {"model", "datamodule", "collect_options", "edit_options"},
+            "compare": {"model", "datamodule", "edit_options", "compare_options", "make_trainer"},
         }
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """Stage sections and the run directory, accepted by every subcommand."""
-        parser.add_argument("--run_dir", type=str | None, default=None, help="Run directory (default: runs/<command>-<time>).")
+        parser.add_argument(
+            "--run_dir", type=str | None, default=None, help="Run directory (default: runs/<command>-<time>)."
+        )
         parser.add_class_arguments(CollectOptions, "collect")
         parser.add_class_arguments(EditOptions, "edit")
+        parser.add_class_arguments(CompareOptions, "compare")
 
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
         # As LightningCLI's, but the method's arguments are added without an argument group: a group is named
@@ -466,6 +580,16 @@ class CurvCLI(LightningCLI):
             **kwargs,
         )
 
+    def compare(self, **kwargs: Any) -> None:
+        """Run ``CurvTrainer.compare`` with the ``edit:`` and ``compare:`` sections."""
+        self._run(
+            self.trainer.compare,
+            edit_options=self._section("edit"),
+            compare_options=self._section("compare"),
+            make_trainer=self.instantiate_trainer,
+            **kwargs,
+        )
+
     def evaluate(self, **kwargs: Any) -> None:
         """Run ``CurvTrainer.evaluate``."""
         self._run(self.trainer.evaluate, **kwargs)
@@ -497,7 +621,10 @@ class CurvCLI(LightningCLI):
 
 
 def _is_wandb(logger: Any) -> bool:
-    return getattr(logger, "class_path", None) in ("lightning.pytorch.loggers.WandbLogger", "lightning.pytorch.loggers.wandb.WandbLogger")
+    return getattr(logger, "class_path", None) in (
+        "lightning.pytorch.loggers.WandbLogger",
+        "lightning.pytorch.loggers.wandb.WandbLogger",
+    )
 
 
 def _has_omegaconf() -> bool:

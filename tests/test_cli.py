@@ -75,8 +75,13 @@ def test_evaluate_checkpoint_and_pretrained_dir_agree(fitted, tmp_path):
     _in_range(from_ckpt["metrics"])
     # The save_pretrained export loads through `pretrained` and scores the same.
     from_dir = run(
-        "evaluate", tmp_path / "b", cache, "--model.init_args.config", "null",
-        "--model.init_args.pretrained", str(fit_dir / "model"),
+        "evaluate",
+        tmp_path / "b",
+        cache,
+        "--model.init_args.config",
+        "null",
+        "--model.init_args.pretrained",
+        str(fit_dir / "model"),
     )
     assert from_dir["metrics"]["util/ppl"] == pytest.approx(from_ckpt["metrics"]["util/ppl"], rel=1e-5)
     assert from_dir["metrics"]["util/task_token_acc"] == from_ckpt["metrics"]["util/task_token_acc"]
@@ -95,10 +100,15 @@ def test_collect_writes_factor_file_with_metadata(collected):
 def test_edit_rho_one_reproduces_before_exactly(fitted, collected, tmp_path):
     fit_dir, cache = fitted
     payload = run(
-        "edit", tmp_path / "edit", cache,
-        "--ckpt_path", str(fit_dir / "checkpoints" / "final.ckpt"),
-        "--factors", str(collected / "factors.safetensors"),
-        "--edit.rho", "[1.0, 0.2]",
+        "edit",
+        tmp_path / "edit",
+        cache,
+        "--ckpt_path",
+        str(fit_dir / "checkpoints" / "final.ckpt"),
+        "--factors",
+        str(collected / "factors.safetensors"),
+        "--edit.rho",
+        "[1.0, 0.2]",
     )
     assert payload["command"] == "edit"
     before, (identity, small) = payload["before"], payload["edits"]
@@ -117,11 +127,19 @@ def test_small_rho_edits_only_configured_modules_and_is_saved(fitted, collected,
     fit_dir, cache = fitted
     out = tmp_path / "edit"
     payload = run(
-        "edit", out, cache,
-        "--ckpt_path", str(fit_dir / "checkpoints" / "final.ckpt"),
-        "--factors", str(collected / "factors.safetensors"),
-        "--edit.rho", "[0.2]",
-        "--edit.max_drop", "{}", "--edit.max_increase", "{}",  # accept any utility loss
+        "edit",
+        out,
+        cache,
+        "--ckpt_path",
+        str(fit_dir / "checkpoints" / "final.ckpt"),
+        "--factors",
+        str(collected / "factors.safetensors"),
+        "--edit.rho",
+        "[0.2]",
+        "--edit.max_drop",
+        "{}",
+        "--edit.max_increase",
+        "{}",  # accept any utility loss
     )
     assert payload["selected"]["rho"] == 0.2
     original = load_file(fit_dir / "model" / "model.safetensors")
@@ -150,15 +168,29 @@ def test_factor_file_from_another_checkpoint_is_rejected(fitted, collected, tmp_
     other = tmp_path / "other_fit"
     run("fit", other, cache, "--seed_everything", "1")
     with pytest.raises(ValueError, match="different checkpoint"):
-        run("edit", tmp_path / "edit", cache, "--ckpt_path", str(other / "checkpoints" / "final.ckpt"),
-            "--factors", str(collected / "factors.safetensors"))
+        run(
+            "edit",
+            tmp_path / "edit",
+            cache,
+            "--ckpt_path",
+            str(other / "checkpoints" / "final.ckpt"),
+            "--factors",
+            str(collected / "factors.safetensors"),
+        )
     assert not (tmp_path / "edit").exists(), "a failed command leaves no run directory"
 
 
 def test_factor_file_from_another_model_is_rejected(collected, tmp_path):
     with pytest.raises(ValueError, match="different model|does not have"):
-        run("edit", tmp_path / "edit", tmp_path / "cache", "--factors", str(collected / "factors.safetensors"),
-            "--model.init_args.config.num_hidden_layers", "1")
+        run(
+            "edit",
+            tmp_path / "edit",
+            tmp_path / "cache",
+            "--factors",
+            str(collected / "factors.safetensors"),
+            "--model.init_args.config.num_hidden_layers",
+            "1",
+        )
     assert not (tmp_path / "edit").exists()
 
 
@@ -171,8 +203,15 @@ def test_pattern_matching_nothing_is_a_clear_error(fitted, tmp_path):
 
 def test_rho_out_of_range_is_a_clear_error(collected, tmp_path):
     with pytest.raises(ValueError, match=r"rho must be a number in \(0, 1\]"):
-        run("edit", tmp_path / "e", tmp_path / "cache", "--factors", str(collected / "factors.safetensors"),
-            "--edit.rho", "[0.5, 1.5]")
+        run(
+            "edit",
+            tmp_path / "e",
+            tmp_path / "cache",
+            "--factors",
+            str(collected / "factors.safetensors"),
+            "--edit.rho",
+            "[0.5, 1.5]",
+        )
     assert not (tmp_path / "e").exists()
 
 
@@ -237,9 +276,18 @@ def test_ddp_collect_equals_single_device(fitted, tmp_path):
 
     fit_dir, cache = fitted
     common = [
-        sys.executable, "-m", "lightning_curv", "collect", "--config", TINY,
-        "--data.init_args.cache_dir", str(cache), "--ckpt_path", str(fit_dir / "checkpoints" / "final.ckpt"),
-        "--collect.max_tokens", "null",
+        sys.executable,
+        "-m",
+        "lightning_curv",
+        "collect",
+        "--config",
+        TINY,
+        "--data.init_args.cache_dir",
+        str(cache),
+        "--ckpt_path",
+        str(fit_dir / "checkpoints" / "final.ckpt"),
+        "--collect.max_tokens",
+        "null",
     ]
     env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
     for name, extra in (("single", []), ("ddp", ["--trainer.strategy", "ddp", "--trainer.devices", "2"])):
@@ -247,3 +295,26 @@ def test_ddp_collect_equals_single_device(fitted, tmp_path):
     meta = read_metadata(tmp_path / "ddp" / "factors.safetensors")
     assert meta["world_size"] == 2
     _factors_equal(tmp_path / "ddp" / "factors.safetensors", tmp_path / "single" / "factors.safetensors", DDP_RTOL)
+
+
+def test_compare_writes_table_with_every_post_hoc_method(fitted, collected, tmp_path):
+    fit_dir, cache = fitted
+    out = tmp_path / "compare"
+    payload = run(
+        "compare", out, cache,
+        "--ckpt_path", str(fit_dir / "checkpoints" / "final.ckpt"),
+        "--factors", str(collected / "factors.safetensors"),
+        "--edit.rho", "[0.3]", "--compare.svd_rho", "[0.5]",
+        "--compare.bsn_ratio", "[0.01]", "--compare.bsn_epochs", "1",
+    )
+    methods = [row["method"] for row in payload["rows"]]
+    assert methods == ["curvature", "random_energy", "random_count", "svd", "balanced_subnet"]
+    assert any("example_tied_dropout skipped" in note for note in payload["notes"])
+    curv, rand_e, rand_c = payload["rows"][:3]
+    assert rand_e["removed_energy"] == pytest.approx(curv["removed_energy"], abs=0.02)
+    assert rand_c["kept_pairs_fraction"] == pytest.approx(curv["kept_pairs_fraction"])
+    header = (out / "comparison.csv").read_text().splitlines()[0].split(",")
+    assert {"method", "strength", *TINYMEM_KEYS} <= set(header)
+    assert len((out / "comparison.csv").read_text().splitlines()) == 1 + len(methods)
+    assert {s["method"] for s in payload["summary"]} == set(methods)
+    assert (out / "comparison.png").stat().st_size > 0

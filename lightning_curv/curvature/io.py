@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import json
 import os
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -59,17 +60,21 @@ _VOLATILE_CONFIG_KEYS = {
 # ---------------------------------------------------------------------------- atomic writes
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike):
-    """Yield a temporary path beside ``path``; on success rename it onto ``path``, on error delete it.
+    """Yield a fresh temporary path beside ``path``; on success rename it onto ``path``, on error delete it.
+
+    Readers (other ranks, other processes) see either the old file, no file, or the complete new one.
 
     Args:
-        path: Final destination.
+        path: Final destination; parent folders are created.
 
     Yields:
         The temporary path to write.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
     try:
         yield tmp
         os.replace(tmp, path)

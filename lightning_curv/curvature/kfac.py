@@ -539,6 +539,8 @@ def classifier_step(
         seed: Base seed of the true Fisher.
         generator: Generator used when the batch has no ``index``.
         max_samples: Count at most this many inputs.
+        input_key: Batch key of the model input.
+        label_key: Batch key of the data labels (the empirical-Fisher targets).
 
     Returns:
         The number of inputs counted.
@@ -606,9 +608,7 @@ def collect_factors(
                 if remaining is not None and remaining <= 0:
                     break
                 batch = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in batch.items()}
-                causal_lm_step(
-                    model, batch, acc, fisher=fisher, seed=seed, generator=generator, max_samples=remaining
-                )
+                causal_lm_step(model, batch, acc, fisher=fisher, seed=seed, generator=generator, max_samples=remaining)
             acc.all_reduce()
             return acc.finalize()
     finally:

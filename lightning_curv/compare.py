@@ -1,0 +1,255 @@
+"""The comparison the paper makes: the curvature edit against the alternatives, on one trained checkpoint.
+
+Every post-hoc method (curvature edit, weight-SVD truncation, random eigen-pair removal matched on removed
+energy or on pair count, BalancedSubnet) is applied to the same weights over a sweep of its strength, evaluated,
+and undone. Example-tied dropout is a training-time method: it trains its own model from the same configuration
+and is evaluated with its memorization channels dropped. Each method's operating point is chosen on the
+selection half of the memorized set within the utility limits and reported on the test half.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+
+from lightning_curv.baselines import apply_random_pair_edit, apply_svd_edit, balanced_subnet
+from lightning_curv.curvature import EditHandle, KFACEigen, apply_edit, atomic_write_text
+from lightning_curv.reporting import plot_tradeoff, report_key, select_edit, selection_key, utility_key
+
+Method = Literal["curvature", "svd", "random_energy", "random_count", "balanced_subnet", "example_tied_dropout"]
+METHODS: tuple[str, ...] = Method.__args__
+
+
+@dataclass
+class CompareOptions:
+    """The ``compare:`` section. The curvature strengths are ``edit.rho``; the limits are ``edit``'s too.
+
+    Attributes:
+        methods: Methods to run; those that do not apply to the model (BalancedSubnet needs a causal LM,
+            example-tied dropout a ViT) are skipped with a note.
+        svd_rho: Energy fractions kept by weight-SVD truncation.
+        seed: Seed of the random controls and of BalancedSubnet.
+        bsn_ratio: Fractions of weights BalancedSubnet zeroes.
+        bsn_alpha: BalancedSubnet's retain weight α in ``-(1-α) CE(memorized) + α CE(retain)``.
+        bsn_lr: BalancedSubnet's SGD learning rate.
+        bsn_epochs: BalancedSubnet's epochs over the selection half of the memorized set.
+        etd_p_fixed: Example-tied dropout: share of always-on (generalization) channels.
+        etd_p_mem: Example-tied dropout: share of the other channels each example ties to itself.
+    """
+
+    methods: list[Method] = field(default_factory=lambda: list(METHODS))
+    svd_rho: list[float] = field(default_factory=lambda: [0.5, 0.8, 0.9, 0.95, 0.99])
+    seed: int = 0
+    bsn_ratio: list[float] = field(default_factory=lambda: [0.0015, 0.01, 0.05])
+    bsn_alpha: float = 0.7
+    bsn_lr: float = 0.3
+    bsn_epochs: int = 5
+    etd_p_fixed: float = 0.2
+    etd_p_mem: float = 0.1
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise ValueError(f"Unknown compare methods {unknown}; choose from {METHODS}.")
+
+
+def _stats_row(handle: EditHandle) -> dict[str, float]:
+    stats = list(handle.stats.values())
+    total = max(sum(s.total_pairs for s in stats), 1)
+    return {
+        "kept_pairs_fraction": sum(s.kept_pairs for s in stats) / total,
+        "removed_energy": sum(s.removed_energy for s in stats) / max(len(stats), 1),
+    }
+
+
+def run_post_hoc(
+    model: torch.nn.Module,
+    eigens: Mapping[str, KFACEigen],
+    rhos: Sequence[Any],
+    options: CompareOptions,
+    evaluate: Callable[[], dict[str, float]],
+    datamodule: Any = None,
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Apply, evaluate and undo every post-hoc method over its strengths.
+
+    Args:
+        model: The backbone (unedited); its weights are restored after every row.
+        eigens: Eigenbases of the edited modules (their names are the modules every method edits).
+        rhos: Curvature-edit strengths (also the references of the random controls).
+        options: The comparison options.
+        evaluate: Scores the current weights (stage-less metric keys).
+        datamodule: Source of the memorized and retain batches for BalancedSubnet.
+
+    Returns:
+        ``(rows, notes)``: one row per (method, strength) and notes about skipped methods.
+    """
+    rows: list[dict[str, Any]] = []
+    notes: list[str] = []
+    modules = list(eigens)
+    methods = set(options.methods)
+
+    def measure(method: str, strength: Any, handle: EditHandle) -> None:
+        try:
+            rows.append({"method": method, "strength": strength, **_stats_row(handle), **evaluate()})
+        finally:
+            handle.undo()
+
+    masks: dict = {}
+    for rho in rhos:
+        reference = apply_edit(model, eigens, rho, masks=masks)
+        if "curvature" in methods:
+            measure("curvature", rho, reference)
+        reference.undo()
+        if isinstance(rho, (int, float)) and rho >= 1.0:
+            continue  # nothing removed: the random controls would be the identity too
+        for match in ("energy", "count"):
+            if f"random_{match}" in methods:
+                handle = apply_random_pair_edit(model, eigens, reference, match=match, seed=options.seed)
+                measure(f"random_{match}", rho, handle)
+    if "svd" in methods:
+        cache: dict = {}
+        for rho in options.svd_rho:
+            measure("svd", rho, apply_svd_edit(model, modules, rho, cache=cache))
+    if "balanced_subnet" in methods:
+        if not hasattr(datamodule, "memorized_dataloader") or not _is_causal_lm(model):
+            notes.append("balanced_subnet skipped: it needs a causal LM and a data module with memorized_dataloader()")
+        else:
+            memorized = list(datamodule.memorized_dataloader("selection"))
+            retain = datamodule.retain_dataloader()
+            for ratio in options.bsn_ratio:
+                handle = balanced_subnet(
+                    model,
+                    modules,
+                    memorized,
+                    retain,
+                    ratio=ratio,
+                    alpha=options.bsn_alpha,
+                    lr=options.bsn_lr,
+                    epochs=options.bsn_epochs,
+                    seed=options.seed,
+                )
+                measure("balanced_subnet", ratio, handle)
+    return rows, notes
+
+
+def _is_causal_lm(model: torch.nn.Module) -> bool:
+    return hasattr(getattr(model, "config", None), "vocab_size") and hasattr(model, "get_output_embeddings")
+
+
+def summarize(
+    before: Mapping[str, float],
+    rows: Sequence[Mapping[str, Any]],
+    max_drop: Mapping[str, float],
+    max_increase: Mapping[str, float],
+) -> list[dict[str, Any]]:
+    """Per method: the row chosen on the selection half within the utility limits, with its test-half numbers.
+
+    Args:
+        before: Metrics of the unedited model.
+        rows: All comparison rows.
+        max_drop: Allowed absolute accuracy drops.
+        max_increase: Allowed relative perplexity increases.
+
+    Returns:
+        One summary per method, sorted by the test-half memorization of the chosen row (ascending), methods with
+        no admissible row last.
+    """
+    sel = selection_key(before)
+    mem = report_key(sel)
+    util = utility_key(before)
+    out = []
+    for method in dict.fromkeys(r["method"] for r in rows):
+        method_rows = [r for r in rows if r["method"] == method]
+        index, why = select_edit(before, method_rows, max_drop, max_increase, key=sel)
+        entry: dict[str, Any] = {"method": method, "criterion": why}
+        if index is not None:
+            chosen = method_rows[index]
+            entry.update(
+                {
+                    "strength": chosen["strength"],
+                    mem: chosen[mem],
+                    sel: chosen[sel],
+                    "removed_energy": chosen.get("removed_energy"),
+                }
+            )
+            if util is not None:
+                entry[util[0]] = chosen[util[0]]
+        out.append(entry)
+    return sorted(out, key=lambda e: (mem not in e, e.get(mem, 0.0)))
+
+
+def write_csv(rows: Sequence[Mapping[str, Any]], path: str | Path) -> None:
+    """``comparison.csv``: one row per (method, strength), the pipeline's metric keys as columns (atomic)."""
+    keys = ["method", "strength", "kept_pairs_fraction", "removed_energy"]
+    metric_keys = sorted({k for r in rows for k in r if k not in keys})
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=keys + metric_keys, extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: _csv_value(row.get(k)) for k in keys + metric_keys})
+    atomic_write_text(path, buffer.getvalue())
+
+
+def _csv_value(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return ";".join(f"{k}={v}" for k, v in value.items())
+    return "" if value is None else value
+
+
+def plot_comparison(before: Mapping[str, float], rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path | None:
+    """Pareto plot of test-half memorization against the main utility metric, one line per method."""
+    util = utility_key(before)
+    if util is None:
+        return None
+    mem = report_key(selection_key(before))
+    series: dict[str, list] = {}
+    for row in rows:
+        series.setdefault(row["method"], []).append({**row, "label": row["strength"]})
+    for name in series:
+        series[name].sort(key=lambda r: r[util[0]])
+    return plot_tradeoff(
+        series, mem, util[0], path, before=before, label_key="label", title="Memorization vs utility by method"
+    )
+
+
+def train_example_tied_dropout(
+    model: pl.LightningModule,
+    datamodule: Any,
+    make_trainer: Callable[[], pl.Trainer],
+    options: CompareOptions,
+    evaluate_with: Callable[[pl.Trainer, pl.LightningModule], dict[str, float]],
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Train a fresh copy of ``model`` with example-tied dropout and evaluate it with memorization channels dropped.
+
+    Args:
+        model: The compared LightningModule; it must offer ``with_example_tied_dropout(p_fixed, p_mem, seed)``.
+        datamodule: The same data module.
+        make_trainer: Builds a fresh Trainer with the experiment's trainer settings.
+        options: The comparison options.
+        evaluate_with: Scores a model with a trainer (stage-less keys).
+
+    Returns:
+        ``(rows, notes)``.
+    """
+    factory = getattr(model, "with_example_tied_dropout", None)
+    if not callable(factory):
+        return [], [f"example_tied_dropout skipped: {type(model).__name__} does not support it (ViT only)"]
+    etd_model = factory(p_fixed=options.etd_p_fixed, p_mem=options.etd_p_mem, seed=options.seed)
+    trainer = make_trainer()
+    trainer.fit(etd_model, datamodule=datamodule)
+    metrics = evaluate_with(trainer, etd_model)
+    row = {
+        "method": "example_tied_dropout",
+        "strength": options.etd_p_mem,
+        "kept_pairs_fraction": None,
+        "removed_energy": None,
+        **metrics,
+    }
+    return [row], []

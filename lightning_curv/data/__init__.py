@@ -1,0 +1,7 @@
+"""LightningDataModules and the batch contract they share (see :mod:`lightning_curv.data.base`)."""
+
+from lightning_curv.data.base import EvalSet
+from lightning_curv.data.text import TextDataModule
+from lightning_curv.data.tinymem import NoiseExample, TinyMemDataModule, TinyMemTokenizer
+
+__all__ = ["EvalSet", "NoiseExample", "TextDataModule", "TinyMemDataModule", "TinyMemTokenizer"]

@@ -1,0 +1,611 @@
+"""Text corpora packed into fixed-length blocks, with optional memorization probes.
+
+Any corpus that ``datasets`` loads works: a hub name, or local ``.txt`` (one document per line), ``.json`` /
+``.jsonl`` (documents in ``text_field``) and ``.parquet`` files. Documents are tokenized with
+``transformers.AutoTokenizer`` (a hub name or a local directory), joined with EOS after every document and
+cut into blocks of ``block_size`` tokens. Held-out text comes from ``validation_files`` /
+``validation_split`` or a seeded fraction of the documents.
+
+Probes (duplicated passages, canaries) measure verbatim memorization as in Merullo et al., *From Memorization
+to Reasoning in the Spectrum of Loss Curvature* (arXiv 2510.24256, 2025): each probe is a row of its own,
+inserted ``probe_repeats`` times into training; at evaluation the model is prompted with its first
+``prefix_len`` tokens (paper: 64) and greedily continues ``suffix_len`` tokens (paper: 48).
+
+Tokenization runs in :meth:`TextDataModule.prepare_data` and is cached on disk, keyed by the files (path,
+size, mtime), the tokenizer's content and the settings; :meth:`TextDataModule.setup` only reads the cache
+(DDP-safe).
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from lightning_curv.data.base import EvalSet
+from lightning_curv.data.collate import (
+    RowDataset,
+    atomic_torch_save,
+    build_loader,
+    config_hash,
+    generation_row,
+    generation_to_lm_rows,
+    split_selection_test,
+)
+
+try:
+    from typing import override
+except ImportError:  # Python < 3.12
+    from typing_extensions import override
+
+#: Bump when the cached content changes for the same settings (invalidates old caches).
+FORMAT_VERSION = 1
+
+#: ``datasets`` builder for each local file extension.
+BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+#: Documents tokenized per tokenizer call.
+_TOKENIZE_CHUNK = 1000
+
+
+def _as_list(files: str | Sequence[str] | None) -> list[str]:
+    if files is None:
+        return []
+    return [files] if isinstance(files, str) else list(files)
+
+
+def resolve_files(files: str | Sequence[str] | None) -> list[str]:
+    """Expand paths and glob patterns into a sorted list of existing files.
+
+    Args:
+        files: A path, a glob pattern, or a list of them.
+
+    Returns:
+        Absolute paths, each pattern's matches sorted, in the order given.
+
+    Raises:
+        FileNotFoundError: If a path does not exist or a pattern matches nothing.
+    """
+    out = []
+    for pattern in _as_list(files):
+        path = os.path.expanduser(pattern)
+        matches = sorted(glob.glob(path)) if glob.has_magic(path) else ([path] if os.path.exists(path) else [])
+        matches = [m for m in matches if os.path.isfile(m)]
+        if not matches:
+            raise FileNotFoundError(f"Data file {pattern!r} does not exist (resolved to {os.path.abspath(path)}).")
+        out += [os.path.abspath(m) for m in matches]
+    return out
+
+
+def builder_for(files: Sequence[str]) -> str:
+    """Return the ``datasets`` builder (``text``, ``json``, ``parquet``) for local files of one format.
+
+    Args:
+        files: Local file paths.
+
+    Returns:
+        The builder name.
+
+    Raises:
+        ValueError: If an extension is not supported or the files mix formats.
+    """
+    builders = set()
+    for f in files:
+        ext = Path(f).suffix.lower()
+        if ext not in BUILDERS:
+            raise ValueError(f"Unsupported data file {f!r}: expected one of {sorted(BUILDERS)}.")
+        builders.add(BUILDERS[ext])
+    if len(builders) > 1:
+        raise ValueError(f"Data files mix formats ({sorted(builders)}); use one format per file list.")
+    return builders.pop()
+
+
+def _file_fingerprint(files: Sequence[str]) -> list[list[Any]]:
+    return [[f, os.stat(f).st_size, os.stat(f).st_mtime_ns] for f in files]
+
+
+def _tokenizer_fingerprint(tokenizer: Any) -> str:
+    """Hash of what the tokenizer does (its serialized pipeline, or its vocabulary), not of its name."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        blob = backend.to_str()
+    else:
+        blob = json.dumps(sorted(tokenizer.get_vocab().items()))
+    special = json.dumps([tokenizer.eos_token_id, tokenizer.pad_token_id, type(tokenizer).__name__])
+    return hashlib.sha256((blob + special).encode()).hexdigest()[:16]
+
+
+def read_probes(path: str, text_field: str = "text") -> list[str]:
+    """Read probe texts: ``.jsonl``/``.json`` (one object per line, text in ``text_field``) or text lines.
+
+    Args:
+        path: The probes file.
+        text_field: Key of the text in JSON objects.
+
+    Returns:
+        The probes, in file order (blank text lines are skipped).
+
+    Raises:
+        FileNotFoundError: If the file does not exist.
+        ValueError: If a JSON line has no ``text_field`` or the file holds no probe.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Probes file {path!r} does not exist (resolved to {os.path.abspath(path)}).")
+    probes = []
+    with open(path) as f:
+        if Path(path).suffix.lower() in (".json", ".jsonl"):
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                obj = json.loads(line)
+                if not isinstance(obj, dict) or text_field not in obj:
+                    raise ValueError(f"{path}:{n}: expected a JSON object with a {text_field!r} field.")
+                probes.append(str(obj[text_field]))
+        else:
+            probes = [line.rstrip("\n") for line in f if line.strip()]
+    if not probes:
+        raise ValueError(f"Probes file {path!r} holds no probe.")
+    return probes
+
+
+class TextDataModule(pl.LightningDataModule):
+    """A text corpus packed into blocks, a held-out split and optional memorization probes.
+
+    Training rows (in :meth:`collect_dataloader` order): the training blocks, then every probe
+    ``probe_repeats`` times (each a row of its own, never packed with other text). Evaluation sets, in loader
+    order (see :attr:`eval_sets`): ``heldout`` (perplexity, held-out blocks); with probes,
+    ``probes_selection`` and ``probes_test`` (a seeded half each; ``index`` is the probe's position in the
+    file); with ``memorization_from_train > 0``, ``train_selection`` and ``train_test`` (prefixes of training
+    blocks; ``index`` is the block's training-row index).
+
+    Args:
+        tokenizer: Hub name or local directory for ``AutoTokenizer.from_pretrained``.
+        dataset: Hub data set name (exclusive with ``data_files``).
+        dataset_config: Hub data set configuration name.
+        data_files: Local training files or glob patterns (``.txt``, ``.json``/``.jsonl``, ``.parquet``).
+        validation_files: Local held-out files; without them (and without ``validation_split``) a seeded
+            ``heldout_fraction`` of the documents is held out.
+        split: Split of the hub data set used for training.
+        validation_split: Split of the hub data set used as held-out text.
+        text_field: Column holding the text (``.txt`` files always use ``text``).
+        heldout_fraction: Fraction of documents held out when no held-out files or split are given.
+        max_documents: Use at most this many training documents (the first ones), e.g. of a large hub set.
+        block_size: Tokens per training / held-out block.
+        probes_file: Probe texts (``.jsonl`` with ``text_field``, or ``.txt`` lines).
+        probe_repeats: Copies of each probe in training (0: evaluate probes that were never trained on).
+        prefix_len: Prompt tokens of a memorization probe.
+        suffix_len: Continuation tokens compared with the probe.
+        memorization_from_train: Number of training blocks whose continuation is also probed (0: none;
+            exclusive with ``probes_file``).
+        seed: Seed of the held-out split, the probe halves, the training-block choice and the shuffle.
+        batch_size: Training batch size.
+        eval_batch_size: Batch size of the evaluation loaders and of :meth:`collect_dataloader`.
+        num_workers: DataLoader workers.
+        cache_dir: Folder of the tokenization cache (and of ``datasets``' own cache).
+
+    Raises:
+        ValueError: On inconsistent settings.
+        FileNotFoundError: If a data, validation or probes file is missing.
+    """
+
+    def __init__(
+        self,
+        tokenizer: str,
+        dataset: str | None = None,
+        dataset_config: str | None = None,
+        data_files: str | list[str] | None = None,
+        validation_files: str | list[str] | None = None,
+        split: str = "train",
+        validation_split: str | None = None,
+        text_field: str = "text",
+        heldout_fraction: float = 0.05,
+        max_documents: int | None = None,
+        block_size: int = 128,
+        probes_file: str | None = None,
+        probe_repeats: int = 10,
+        prefix_len: int = 64,
+        suffix_len: int = 48,
+        memorization_from_train: int = 0,
+        seed: int = 0,
+        batch_size: int = 8,
+        eval_batch_size: int = 16,
+        num_workers: int = 0,
+        cache_dir: str = ".cache/lightning_curv/text",
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.tokenizer_name = tokenizer
+        self.dataset = dataset
+        self.dataset_config = dataset_config
+        self.data_files = data_files
+        self.validation_files = validation_files
+        self.split = split
+        self.validation_split = validation_split
+        self.text_field = text_field
+        self.heldout_fraction = heldout_fraction
+        self.max_documents = max_documents
+        self.block_size = block_size
+        self.probes_file = probes_file
+        self.probe_repeats = probe_repeats
+        self.prefix_len = prefix_len
+        self.suffix_len = suffix_len
+        self.memorization_from_train = memorization_from_train
+        self.seed = seed
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.num_workers = num_workers
+        self.cache_dir = cache_dir
+        self._validate()
+        self._tokenizer: Any = None
+        self._data: dict[str, Any] | None = None
+
+    def _validate(self) -> None:
+        if (self.dataset is None) == (self.data_files is None):
+            raise ValueError("Give exactly one of `dataset` (a hub name) and `data_files` (local files).")
+        if self.validation_files is not None and self.validation_split is not None:
+            raise ValueError("Give at most one of `validation_files` and `validation_split`.")
+        if self.validation_split is not None and self.dataset is None:
+            raise ValueError("`validation_split` applies to hub data sets; use `validation_files` for local files.")
+        checks = [
+            (
+                0.0 < self.heldout_fraction < 1.0,
+                f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}.",
+            ),
+            (self.max_documents is None or self.max_documents >= 1, "max_documents must be >= 1 or None."),
+            (self.block_size >= 2, f"block_size must be >= 2, got {self.block_size}."),
+            (self.probe_repeats >= 0, f"probe_repeats must be >= 0, got {self.probe_repeats}."),
+            (self.prefix_len >= 1 and self.suffix_len >= 1, "prefix_len and suffix_len must be >= 1."),
+            (
+                self.memorization_from_train == 0 or self.memorization_from_train >= 2,
+                "memorization_from_train must be 0 or >= 2 (it is split into selection and test halves).",
+            ),
+            (
+                self.probes_file is None or self.memorization_from_train == 0,
+                "Give either `probes_file` or `memorization_from_train` > 0, not both: both would feed the "
+                "same memorization metrics.",
+            ),
+            (
+                self.memorization_from_train == 0 or self.prefix_len + self.suffix_len <= self.block_size,
+                f"memorization_from_train probes training blocks, so prefix_len + suffix_len "
+                f"({self.prefix_len + self.suffix_len}) must be <= block_size ({self.block_size}).",
+            ),
+            (self.batch_size >= 1 and self.eval_batch_size >= 1, "batch sizes must be >= 1."),
+            (self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}."),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    # --- tokenization
+
+    @property
+    def tokenizer(self) -> Any:
+        """The ``transformers`` tokenizer (loaded on first use)."""
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_name)
+            if self._tokenizer.eos_token_id is None:
+                raise ValueError(
+                    f"Tokenizer {self.tokenizer_name!r} has no EOS token, which separates packed documents; "
+                    "set `eos_token` in its tokenizer_config.json."
+                )
+        return self._tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids of the tokenizer (added tokens included)."""
+        return len(self.tokenizer)
+
+    @property
+    def pad_token_id(self) -> int:
+        """Padding id: the tokenizer's pad token, or EOS when it has none (padding is masked anyway)."""
+        pad = self.tokenizer.pad_token_id
+        return self.tokenizer.eos_token_id if pad is None else pad
+
+    @property
+    def cache_config(self) -> dict[str, Any]:
+        """What determines the cached token streams (the cache key); blocks and probe rows are cut at load."""
+        return {
+            "format_version": FORMAT_VERSION,
+            "dataset": self.dataset,
+            "dataset_config": self.dataset_config,
+            "split": self.split,
+            "validation_split": self.validation_split,
+            "data_files": _file_fingerprint(resolve_files(self.data_files)),
+            "validation_files": _file_fingerprint(resolve_files(self.validation_files)),
+            "text_field": self.text_field,
+            "heldout_fraction": self.heldout_fraction,
+            "max_documents": self.max_documents,
+            "seed": self.seed,
+            "tokenizer": _tokenizer_fingerprint(self.tokenizer),
+            "probes_file": _file_fingerprint(resolve_files(self.probes_file)),
+        }
+
+    @property
+    def cache_path(self) -> Path:
+        """File holding the tokenized corpus for the current files, tokenizer and settings."""
+        return Path(self.cache_dir) / f"text-{config_hash(self.cache_config)}.pt"
+
+    def _load_documents(self, files: list[str], hub_split: str | None, limit: int | None = None) -> list[str]:
+        """Non-blank documents of local files (one format) or of a hub split, at most ``limit`` of them."""
+        import datasets
+
+        cache = os.path.join(self.cache_dir, "datasets")
+        if files:
+            source, builder = f"data files {files}", builder_for(files)
+            ds = datasets.load_dataset(builder, data_files={"data": files}, split="data", cache_dir=cache)
+        else:
+            source, builder = f"dataset {self.dataset!r} split {hub_split!r}", None
+            ds = datasets.load_dataset(self.dataset, self.dataset_config, split=hub_split, cache_dir=cache)
+        column = "text" if builder == "text" else self.text_field
+        if column not in ds.column_names:
+            raise ValueError(f"The {source} have no column {column!r} (columns: {ds.column_names}); set `text_field`.")
+        if limit is not None:
+            ds = ds.select(range(min(limit, len(ds))))
+        return [t for t in ds[column] if isinstance(t, str) and t.strip()]
+
+    def _tokenize(self, texts: Sequence[str]) -> Iterator[list[int]]:
+        for start in range(0, len(texts), _TOKENIZE_CHUNK):
+            chunk = list(texts[start : start + _TOKENIZE_CHUNK])
+            yield from self.tokenizer(chunk, add_special_tokens=False, verbose=False)["input_ids"]
+
+    def _pack_stream(self, texts: Sequence[str]) -> Tensor:
+        """Token ids of all documents, each followed by EOS, as one 1-D int tensor."""
+        eos = self.tokenizer.eos_token_id
+        parts = [np.asarray([*ids, eos], dtype=np.int64) for ids in self._tokenize(texts)]
+        stream = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+        dtype = torch.int32 if len(self.tokenizer) < 2**31 else torch.int64
+        return torch.from_numpy(stream).to(dtype)
+
+    def tokenize_corpus(self) -> dict[str, Any]:
+        """Load, split and tokenize the corpus and the probes (what :meth:`prepare_data` caches).
+
+        Returns:
+            ``config``, ``train_tokens`` and ``heldout_tokens`` (1-D token streams with EOS after every
+            document), ``num_train_documents``, ``num_heldout_documents`` and ``probes`` (a list of 1-D
+            tensors).
+
+        Raises:
+            FileNotFoundError: If a data file is missing.
+            ValueError: If the corpus is empty or too small to hold out documents.
+        """
+        train_files = resolve_files(self.data_files)
+        source = f"data_files {train_files}" if train_files else f"dataset {self.dataset!r} split {self.split!r}"
+        docs = self._load_documents(train_files, self.split, self.max_documents)
+        if not docs:
+            raise ValueError(f"The corpus ({source}) is empty: it holds no non-blank document.")
+        heldout_files = resolve_files(self.validation_files)
+        if heldout_files or self.validation_split is not None:
+            heldout = self._load_documents(heldout_files, self.validation_split)
+            if not heldout:
+                raise ValueError(f"The held-out corpus ({heldout_files or self.validation_split}) is empty.")
+            train = docs
+        else:
+            if len(docs) < 2:
+                raise ValueError(
+                    f"The corpus ({source}) has a single document, so none can be held out; "
+                    "give `validation_files` or more documents."
+                )
+            order = np.random.default_rng(self.seed).permutation(len(docs))
+            num_heldout = min(len(docs) - 1, max(1, round(self.heldout_fraction * len(docs))))
+            heldout_ids = set(order[:num_heldout].tolist())
+            heldout = [d for i, d in enumerate(docs) if i in heldout_ids]
+            train = [d for i, d in enumerate(docs) if i not in heldout_ids]
+        probes = []
+        if self.probes_file is not None:
+            probes = [torch.tensor(ids, dtype=torch.int64) for ids in self._tokenize(self._probe_texts())]
+        return {
+            "config": self.cache_config,
+            "train_tokens": self._pack_stream(train),
+            "heldout_tokens": self._pack_stream(heldout),
+            "num_train_documents": len(train),
+            "num_heldout_documents": len(heldout),
+            "probes": probes,
+        }
+
+    def _probe_texts(self) -> list[str]:
+        return read_probes(self.probes_file, self.text_field) if self.probes_file is not None else []
+
+    # --- Lightning
+
+    @override
+    def prepare_data(self) -> None:
+        """Tokenize the corpus and write the cache, unless a cache for these files and settings exists."""
+        path = self.cache_path
+        if not path.exists():
+            atomic_torch_save(self.tokenize_corpus(), path)
+
+    @override
+    def setup(self, stage: str | None = None) -> None:
+        """Read the cache written by :meth:`prepare_data` and cut blocks, probe rows and generation rows.
+
+        Args:
+            stage: Lightning stage (unused: every split is built).
+
+        Raises:
+            FileNotFoundError: If :meth:`prepare_data` has not written the cache.
+            ValueError: If a probe is shorter than ``prefix_len + suffix_len`` or there are fewer than two.
+        """
+        if self._data is not None:
+            return
+        path = self.cache_path
+        if not path.exists():
+            raise FileNotFoundError(f"Text cache {path} does not exist; call prepare_data() before setup().")
+        data = torch.load(path, weights_only=True)
+        self._build(data)
+        self._data = data
+
+    def _check_probes(self, probes: Sequence[Tensor]) -> None:
+        if len(probes) < 2:
+            raise ValueError(
+                f"Probes file {self.probes_file!r} holds {len(probes)} probe; at least 2 are needed to split "
+                "them into selection and test halves."
+            )
+        need = self.prefix_len + self.suffix_len
+        texts = None
+        for i, probe in enumerate(probes):
+            if len(probe) < need:
+                texts = texts or self._probe_texts()
+                preview = texts[i][:60] if i < len(texts) else ""
+                raise ValueError(
+                    f"Probe {i} of {self.probes_file!r} ({preview!r}...) has {len(probe)} tokens, fewer than "
+                    f"prefix_len + suffix_len = {self.prefix_len} + {self.suffix_len} = {need}. Lengthen or "
+                    "remove the probe, or lower prefix_len / suffix_len."
+                )
+
+    def _build(self, data: dict[str, Any]) -> None:
+        train_blocks = pack_blocks(data["train_tokens"], self.block_size)
+        heldout_blocks = pack_blocks(data["heldout_tokens"], self.block_size)
+        if not train_blocks or not heldout_blocks:
+            raise ValueError("The training or held-out split has fewer than 2 tokens; use a larger corpus.")
+        probes: list[Tensor] = data["probes"]
+        if self.probes_file is not None:
+            self._check_probes(probes)
+        eos = torch.tensor([self.tokenizer.eos_token_id], dtype=torch.int64)
+        # Only the first prefix_len + suffix_len tokens are evaluated; longer probes are cut at a block.
+        cap = max(self.block_size, self.prefix_len + self.suffix_len)
+        probe_rows = [torch.cat([p, eos])[:cap] for p in probes]
+
+        rows = [{"input_ids": block, "index": i} for i, block in enumerate(train_blocks)]
+        self.probe_row_indices: list[list[int]] = [[] for _ in probes]
+        for _ in range(self.probe_repeats):
+            for j, row in enumerate(probe_rows):
+                self.probe_row_indices[j].append(len(rows))
+                rows.append({"input_ids": row, "index": len(rows)})
+        self.num_train_blocks = len(train_blocks)
+        self.train_dataset = RowDataset(rows)
+        self.heldout_dataset = RowDataset([{"input_ids": b, "index": i} for i, b in enumerate(heldout_blocks)])
+
+        self.memorization_selection_dataset = self.memorization_test_dataset = None
+        prompt, target = self.prefix_len, self.suffix_len
+        if probes:
+            selection, test = split_selection_test(len(probes), self.seed)
+            self.probe_selection_indices, self.probe_test_indices = selection, test
+            rows_of = [generation_row(p, prompt, index=i, target_len=target) for i, p in enumerate(probes)]
+        elif self.memorization_from_train > 0:
+            full = [i for i, b in enumerate(train_blocks) if len(b) == self.block_size]
+            if len(full) < 2:
+                raise ValueError("memorization_from_train needs at least 2 full training blocks.")
+            rng = np.random.default_rng([self.seed, 0x7E57])
+            chosen = sorted(rng.choice(full, size=min(self.memorization_from_train, len(full)), replace=False))
+            selection, test = split_selection_test(len(chosen), self.seed)
+            rows_of = [generation_row(train_blocks[i], prompt, index=int(i), target_len=target) for i in chosen]
+        else:
+            return
+        self.memorization_selection_dataset = RowDataset([rows_of[i] for i in selection])
+        self.memorization_test_dataset = RowDataset([rows_of[i] for i in test])
+
+    def _require_setup(self) -> None:
+        if self._data is None:
+            raise RuntimeError("Call prepare_data() and setup() before asking for data.")
+
+    @property
+    def eval_sets(self) -> list[EvalSet]:
+        """Evaluation sets, in the order of the loaders that :meth:`val_dataloader` returns."""
+        sets = [EvalSet("heldout", "perplexity")]
+        if self.probes_file is not None:
+            sets += [
+                EvalSet("probes_selection", "text_memorization", split="selection"),
+                EvalSet("probes_test", "text_memorization", split="test"),
+            ]
+        elif self.memorization_from_train > 0:
+            sets += [
+                EvalSet("train_selection", "text_memorization", split="selection"),
+                EvalSet("train_test", "text_memorization", split="test"),
+            ]
+        return sets
+
+    def _loader(self, dataset: RowDataset, kind: Literal["lm", "generation"], train: bool = False) -> DataLoader:
+        return build_loader(
+            dataset,
+            kind,
+            pad_token_id=self.pad_token_id,
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            shuffle=train,
+            seed=self.seed,
+            num_workers=self.num_workers,
+        )
+
+    @override
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled training rows (LM batches)."""
+        self._require_setup()
+        return self._loader(self.train_dataset, "lm", train=True)
+
+    def collect_dataloader(self) -> DataLoader:
+        """Training rows in order, unshuffled, for the curvature pass (``eval_batch_size`` rows a batch)."""
+        self._require_setup()
+        return self._loader(self.train_dataset, "lm")
+
+    def memorized_dataloader(self, split: Literal["selection", "test"] = "selection") -> DataLoader:
+        """LM batches of one half of the memorized set (loss on the memorized continuation only).
+
+        Methods that learn from the memorized set (BalancedSubnet) train on the selection half; reports use the
+        test half, which they never see.
+        """
+        self._require_setup()
+        dataset = self.memorization_selection_dataset if split == "selection" else self.memorization_test_dataset
+        if dataset is None:
+            raise ValueError("This data module has no memorized set (configure one to use this method).")
+        return self._loader(generation_to_lm_rows(dataset), "lm")
+
+    def retain_dataloader(self) -> DataLoader:
+        """Shuffled LM batches of training data that is not in the memorized set."""
+        self._require_setup()
+        return self._loader(RowDataset(self.train_dataset.rows[: self.num_train_blocks]), "lm", train=True)
+
+    @override
+    def predict_dataloader(self) -> DataLoader:
+        """The curvature pass runs in ``trainer.predict``: the same loader as :meth:`collect_dataloader`."""
+        return self.collect_dataloader()
+
+    def _eval_loaders(self) -> list[DataLoader]:
+        self._require_setup()
+        loaders = [self._loader(self.heldout_dataset, "lm")]
+        if self.memorization_selection_dataset is not None:
+            loaders += [
+                self._loader(self.memorization_selection_dataset, "generation"),
+                self._loader(self.memorization_test_dataset, "generation"),
+            ]
+        return loaders
+
+    @override
+    def val_dataloader(self) -> list[DataLoader]:
+        """One loader per entry of :attr:`eval_sets`, in that order."""
+        return self._eval_loaders()
+
+    @override
+    def test_dataloader(self) -> list[DataLoader]:
+        """Same loaders as :meth:`val_dataloader`."""
+        return self._eval_loaders()
+
+
+def pack_blocks(stream: Tensor, block_size: int) -> list[Tensor]:
+    """Cut a token stream into consecutive blocks of ``block_size`` tokens.
+
+    The last block is shorter when the stream length is not a multiple of ``block_size``; it is kept when it
+    has at least 2 tokens (one next-token target), so the blocks concatenate back to the stream (up to a
+    dropped single last token).
+
+    Args:
+        stream: Token ids of shape ``[N]``.
+        block_size: Tokens per block.
+
+    Returns:
+        Views of ``stream``, each of shape ``[block_size]`` except possibly the last.
+    """
+    blocks = list(torch.split(stream, block_size))
+    if blocks and len(blocks[-1]) < 2:
+        blocks.pop()
+    return blocks
