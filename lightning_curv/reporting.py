@@ -148,13 +148,26 @@ def plot_tradeoff(
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
         for x, y, lab in pts:
             if lab is not None and not isinstance(lab, Mapping):
-                ax.annotate(_fmt(lab) if isinstance(lab, float) else str(lab), (x, y), fontsize=7,
-                            xytext=(3, 3), textcoords="offset points")
+                ax.annotate(
+                    _fmt(lab) if isinstance(lab, float) else str(lab),
+                    (x, y),
+                    fontsize=7,
+                    xytext=(3, 3),
+                    textcoords="offset points",
+                )
     if before and util_key in before and mem_key in before:
         ax.scatter([before[util_key]], [before[mem_key]], marker="*", s=160, color="black", zorder=5, label="before")
     if selected and util_key in selected and mem_key in selected:
-        ax.scatter([selected[util_key]], [selected[mem_key]], s=220, facecolors="none", edgecolors="red",
-                   linewidths=2, zorder=6, label="selected")
+        ax.scatter(
+            [selected[util_key]],
+            [selected[mem_key]],
+            s=220,
+            facecolors="none",
+            edgecolors="red",
+            linewidths=2,
+            zorder=6,
+            label="selected",
+        )
     ax.set_xlabel(util_key)
     ax.set_ylabel(mem_key)
     ax.set_title(title)

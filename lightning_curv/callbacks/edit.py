@@ -84,7 +84,12 @@ class EditCallback(Callback):
             raise ValueError("EditCallback needs `factors`: the factor file written by `collect`.")
         cache = self._cache_path()
         digest = file_digest(self.factors_path) if self.factors_path else None
-        if cache is not None and digest is not None and cache.exists() and read_metadata(cache).get("source_sha256") == digest:
+        if (
+            cache is not None
+            and digest is not None
+            and cache.exists()
+            and read_metadata(cache).get("source_sha256") == digest
+        ):
             eigens = load_eigens(cache, model=model)
             rank_zero_info(f"Loaded cached eigenbases from {cache}")
         else:

@@ -92,7 +92,9 @@ class KFACCallback(Callback):
         world = trainer.world_size
         self._budget = None if self.max_tokens is None else -(-self.max_tokens // world)
         self.output_path = self._resolve(trainer, self.output)
-        self._partial = self.output_path.with_name(f"{self.output_path.stem}.partial-rank{trainer.global_rank}.safetensors")
+        self._partial = self.output_path.with_name(
+            f"{self.output_path.stem}.partial-rank{trainer.global_rank}.safetensors"
+        )
         self._fingerprint = self._make_fingerprint(trainer, pl_module)
         self._skip = self.batches_done = self._resume()
         self.accumulator.attach()

@@ -91,7 +91,9 @@ class CurvatureModule(pl.LightningModule):
         """Metrics that one evaluation set feeds."""
 
     @abstractmethod
-    def evaluate_batch(self, eval_set: EvalSet, batch: Mapping[str, Tensor], batch_idx: int, dataloader_idx: int) -> None:
+    def evaluate_batch(
+        self, eval_set: EvalSet, batch: Mapping[str, Tensor], batch_idx: int, dataloader_idx: int
+    ) -> None:
         """Update ``self.eval_metrics[eval_set.name]`` with one batch."""
 
     @abstractmethod

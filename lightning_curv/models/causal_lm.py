@@ -226,7 +226,9 @@ class LitCausalLM(CurvatureModule):
         self.record_reference = False
 
     @override
-    def evaluate_batch(self, eval_set: EvalSet, batch: Mapping[str, Tensor], batch_idx: int, dataloader_idx: int) -> None:
+    def evaluate_batch(
+        self, eval_set: EvalSet, batch: Mapping[str, Tensor], batch_idx: int, dataloader_idx: int
+    ) -> None:
         metrics = self.eval_metrics[eval_set.name]
         if eval_set.kind == "perplexity":
             logits = self(batch)  # [B, T, V]

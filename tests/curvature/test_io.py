@@ -38,7 +38,11 @@ def test_factor_round_trip_and_metadata(tmp_path, collected):
     assert meta["kind"] == "factors" and meta["fisher"] == "true" and meta["seed"] == 5
     assert meta["dtype"] == "float32" and meta["package_version"]
     assert meta["num_samples"] == next(iter(factors.values())).num_samples
-    assert meta["modules"]["model.layers.0.mlp.up_proj"] == {"d_in": 16, "d_out": 24, "num_samples": meta["num_samples"]}
+    assert meta["modules"]["model.layers.0.mlp.up_proj"] == {
+        "d_in": 16,
+        "d_out": 24,
+        "num_samples": meta["num_samples"],
+    }
     assert set(meta["model"]) == {"class", "config_hash", "structure_hash", "weights_hash"}
     assert not list(tmp_path.glob(".*tmp*")), "no temporary file is left behind"
 

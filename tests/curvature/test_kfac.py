@@ -50,9 +50,7 @@ def test_factors_match_brute_force(case, fisher):
 def test_valid_positions_rules():
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [0, 1, 1, 1]])
     labels = torch.tensor([[5, 5, -100, 5], [5, 5, 5, 5], [5, 5, 5, 5]])
-    expected = torch.tensor(
-        [[True, False, True, False], [True, False, False, False], [False, True, True, False]]
-    )
+    expected = torch.tensor([[True, False, True, False], [True, False, False, False], [False, True, True, False]])
     assert torch.equal(valid_positions(mask, labels), expected)
 
 
