@@ -1,0 +1,6 @@
+"""LightningModules: causal LMs (transformers) and vision transformers (timm)."""
+
+from lightning_curv.models.base import CurvatureModule
+from lightning_curv.models.causal_lm import LitCausalLM
+
+__all__ = ["CurvatureModule", "LitCausalLM"]
