@@ -31,6 +31,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import WandbLogger
 
+from lightning_curv.analysis.report import AnalyzeOptions
 from lightning_curv.callbacks.edit import EditCallback
 from lightning_curv.callbacks.kfac import KFACCallback
 from lightning_curv.compare import (
@@ -431,6 +432,71 @@ class CurvTrainer(Trainer):
         self._write_metrics(payload)
         return payload
 
+    # ------------------------------------------------------------------ analyze
+    def analyze(
+        self,
+        model: pl.LightningModule,
+        datamodule: pl.LightningDataModule | None = None,
+        ckpt_path: str | None = None,
+        factors: str | None = None,
+        options: AnalyzeOptions | None = None,
+    ) -> dict[str, Any]:
+        """Curvature spectra, activation energy by band (memorized vs not) and per-example memorization scores.
+
+        Args:
+            model: The LightningModule (the unedited weights the factors were collected on).
+            datamodule: Data module whose training rows carry memorization labels (TinyMem noise, flipped labels).
+            ckpt_path: Lightning checkpoint to load first.
+            factors: Factor file for this checkpoint.
+            options: The ``analyze:`` section.
+
+        Returns:
+            The ``analysis.json`` payload (also written, with PNG plots, to the run directory).
+        """
+        from lightning_curv.analysis import memorization_labels
+        from lightning_curv.analysis.report import analyze_model
+
+        options = options or AnalyzeOptions()
+        if factors is None:
+            raise ValueError("`analyze` needs --factors: the factor file written by `collect` for this checkpoint.")
+        read_metadata(factors)
+        _require_file(ckpt_path, "checkpoint", "Pass a checkpoint written by `fit` (runs/.../checkpoints/*.ckpt).")
+        metrics = self._evaluate_metrics(model, datamodule, ckpt_path)  # loads the weights, sets up the data
+        eigens = EditCallback(factors=factors).prepare(model.model)
+        head = getattr(model, "head_position", None)
+        task = "classifier" if callable(head) else "causal_lm"
+        payload = analyze_model(
+            model.model,
+            eigens,
+            datamodule.collect_dataloader(),
+            memorization_labels(datamodule),
+            self.run_dir,
+            task=task,
+            position=head() if callable(head) else None,
+            rhos=options.rhos,
+            max_batches=options.max_batches,
+            with_gradients=options.gradient_scores,
+        )
+        payload = {"command": "analyze", "metrics": metrics, **payload}
+        if self.is_global_zero:
+            mean = payload["bands"]["mean"]
+            print("\nactivation energy by band (mean over modules): memorized / non-memorized = ratio")
+            for band in mean["bands"]:
+                print(
+                    f"  {band:>8}: {mean['memorized'][band]:.4f} / {mean['non_memorized'][band]:.4f} = "
+                    f"{mean['ratio'][band]:.3f}"
+                )
+            print(
+                "AUROC of per-example memorization scores: "
+                + ", ".join(f"{k}={v:.3f}" for k, v in payload["auroc"].items())
+            )
+            if isinstance(self.logger, WandbLogger):
+                for name in ("spectra", "pair_curvature", "bands", "scores"):
+                    self.logger.log_image(f"analysis/{name}", [str(self.run_dir / f"{name}.png")])
+                self.logger.log_metrics({f"analysis/auroc/{k}": v for k, v in payload["auroc"].items()})
+        self._write_metrics(payload)
+        return payload
+
     # ------------------------------------------------------------------ pipeline
     def pipeline(
         self,
@@ -514,6 +580,7 @@ class CurvCLI(LightningCLI):
             "edit": {"model", "datamodule", "options"},
             "pipeline": {"model", "datamodule", "collect_options", "edit_options"},
             "compare": {"model", "datamodule", "edit_options", "compare_options", "make_trainer"},
+            "analyze": {"model", "datamodule", "options"},
         }
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -524,6 +591,7 @@ class CurvCLI(LightningCLI):
         parser.add_class_arguments(CollectOptions, "collect")
         parser.add_class_arguments(EditOptions, "edit")
         parser.add_class_arguments(CompareOptions, "compare")
+        parser.add_class_arguments(AnalyzeOptions, "analyze")
 
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
         # As LightningCLI's, but the method's arguments are added without an argument group: a group is named
@@ -589,6 +657,10 @@ class CurvCLI(LightningCLI):
             make_trainer=self.instantiate_trainer,
             **kwargs,
         )
+
+    def analyze(self, **kwargs: Any) -> None:
+        """Run ``CurvTrainer.analyze`` with the ``analyze:`` section."""
+        self._run(self.trainer.analyze, options=self._section("analyze"), **kwargs)
 
     def evaluate(self, **kwargs: Any) -> None:
         """Run ``CurvTrainer.evaluate``."""

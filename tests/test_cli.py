@@ -318,3 +318,22 @@ def test_compare_writes_table_with_every_post_hoc_method(fitted, collected, tmp_
     assert len((out / "comparison.csv").read_text().splitlines()) == 1 + len(methods)
     assert {s["method"] for s in payload["summary"]} == set(methods)
     assert (out / "comparison.png").stat().st_size > 0
+
+
+def test_analyze_writes_json_and_plots(fitted, collected, tmp_path):
+    fit_dir, cache = fitted
+    out = tmp_path / "analyze"
+    payload = run(
+        "analyze", out, cache,
+        "--ckpt_path", str(fit_dir / "checkpoints" / "final.ckpt"),
+        "--factors", str(collected / "factors.safetensors"),
+    )
+    assert payload["command"] == "analyze"
+    assert set(payload["auroc"]) >= {"loss", "low_curvature_energy"}
+    assert all(0.0 <= v <= 1.0 for v in payload["auroc"].values())
+    mean = payload["bands"]["mean"]
+    assert sum(mean["memorized"].values()) == pytest.approx(1.0, abs=1e-5)
+    analysis = json.loads((out / "analysis.json").read_text())
+    assert set(analysis["spectra"]) == set(payload["spectra"])
+    for name in ("spectra", "pair_curvature", "bands", "scores"):
+        assert (out / f"{name}.png").stat().st_size > 0
