@@ -18,9 +18,10 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchmetrics import MeanMetric
 from typing_extensions import override
 
-from lightning_curv.curvature import KFACAccumulator, causal_lm_step, valid_positions
+from lightning_curv.curvature import IGNORE_INDEX, KFACAccumulator, causal_lm_step, valid_positions
 from lightning_curv.data.base import SPLIT_GROUP, EvalSet
 from lightning_curv.metrics import (
     NDCGMetric,
@@ -30,7 +31,7 @@ from lightning_curv.metrics import (
     reference_topk,
 )
 from lightning_curv.models.base import CurvatureModule, KFACMode
-from lightning_curv.models.generation import greedy_generate
+from lightning_curv.models.generation import greedy_generate, longest_prefix_match, prepend_context
 
 #: MLP projections per architecture (``config.model_type``); the first pattern family that matches is used.
 MLP_PATTERNS: dict[str, tuple[str, ...]] = {
@@ -61,6 +62,10 @@ class LitCausalLM(CurvatureModule):
         warmup_steps: Linear warm-up steps.
         scheduler: Learning-rate schedule after warm-up, by ``transformers.get_scheduler`` name.
         curvature_modules: Layer patterns tracked by default; None uses the architecture's MLP projections.
+        stress_shifts: Stress test of memorized sets: also score with the prefix/suffix split moved right by each
+            of these many tokens (the prompt gains them, the target loses them).
+        stress_context: Stress test: also score with this many tokens of extra context (the end of another
+            example's prompt) prepended to each prompt.
     """
 
     def __init__(
@@ -75,6 +80,8 @@ class LitCausalLM(CurvatureModule):
         warmup_steps: int = 0,
         scheduler: Literal["constant_with_warmup", "cosine", "linear"] = "cosine",
         curvature_modules: list[str] | None = None,
+        stress_shifts: list[int] | None = None,
+        stress_context: list[int] | None = None,
     ) -> None:
         super().__init__()
         if (pretrained is None) == (config is None):
@@ -92,6 +99,9 @@ class LitCausalLM(CurvatureModule):
         self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
         self.warmup_steps, self.scheduler = warmup_steps, scheduler
         self._curvature_modules = curvature_modules
+        self.stress = [("shift", t) for t in stress_shifts or []] + [("context", t) for t in stress_context or []]
+        if any(t <= 0 for _, t in self.stress):
+            raise ValueError(f"stress_shifts and stress_context must be positive token counts, got {self.stress}.")
         # nDCG reference: top-k of the unedited model per (dataloader_idx, batch_idx), recorded on request.
         self.reference_topk: dict[tuple[int, int], tuple[Tensor, Tensor]] | None = None
         self.record_reference = False
@@ -208,12 +218,18 @@ class LitCausalLM(CurvatureModule):
     def make_metrics(self, eval_set: EvalSet) -> nn.ModuleDict:
         if eval_set.kind == "perplexity":
             return nn.ModuleDict({"ppl": PerplexityMetric(), "ndcg": NDCGMetric(k=NDCG_K)})
+        stress = {}
+        if eval_set.kind in ("text_memorization", "noise_memorization"):
+            stress = {"prefix_match": MeanMetric()}
+            for kind, t in self.stress:
+                stress[f"{kind}{t}/match"] = SequenceMatchMetric()
+                stress[f"{kind}{t}/prefix_match"] = MeanMetric()
         if eval_set.kind == "text_memorization":
-            return nn.ModuleDict({"mem": TextMemorizationMetric()})
+            return nn.ModuleDict({"mem": TextMemorizationMetric(), **stress})
         if eval_set.kind in ("noise_memorization", "task", "backdoor"):
             groups = list(eval_set.groups) or None
             return nn.ModuleDict(
-                {"match": SequenceMatchMetric(num_groups=len(groups) if groups else 1, group_names=groups)}
+                {"match": SequenceMatchMetric(num_groups=len(groups) if groups else 1, group_names=groups), **stress}
             )
         raise ValueError(f"LitCausalLM cannot evaluate {eval_set.kind!r} sets ({eval_set.name}).")
 
@@ -248,17 +264,39 @@ class LitCausalLM(CurvatureModule):
                     metrics["ndcg"].update(scores, ref_idx, ref_p)
             return
         target = batch["target_ids"]
-        generated = greedy_generate(
-            self.model,
-            batch["prompt_ids"],
-            batch["prompt_mask"],
-            max_new_tokens=target.shape[1],
-            pad_token_id=self._pad_token_id(),
-        )
+        generated = self._generate(batch["prompt_ids"], batch["prompt_mask"], target.shape[1])
         if eval_set.kind == "text_memorization":
             metrics["mem"].update(generated, target)
         else:
             metrics["match"].update(generated, target, batch.get("alt_target_ids"), batch.get("group"))
+        if "prefix_match" in metrics:
+            metrics["prefix_match"].update(longest_prefix_match(generated, target).float())
+            for kind, t in self.stress:
+                prompt, mask, shifted = self._perturb(kind, t, batch["prompt_ids"], batch["prompt_mask"], target)
+                out = self._generate(prompt, mask, shifted.shape[1])
+                metrics[f"{kind}{t}/match"].update(out, shifted)
+                metrics[f"{kind}{t}/prefix_match"].update(longest_prefix_match(out, shifted).float())
+
+    def _generate(self, prompt_ids: Tensor, prompt_mask: Tensor, length: int) -> Tensor:
+        return greedy_generate(
+            self.model, prompt_ids, prompt_mask, max_new_tokens=length, pad_token_id=self._pad_token_id()
+        )
+
+    @staticmethod
+    def _perturb(kind: str, t: int, prompt: Tensor, mask: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The stress-test variants of a generation batch: ``(prompt [B, P'], mask [B, P'], target [B, L'])``."""
+        if kind == "shift":
+            real = (target != IGNORE_INDEX).sum(dim=1)
+            if int(real.min()) <= t:
+                raise ValueError(
+                    f"stress shift {t} leaves no target token for some rows (targets of {int(real.min())})."
+                )
+            moved = target[:, :t]
+            return torch.cat([prompt, moved], 1), torch.cat([mask, torch.ones_like(moved)], 1), target[:, t:]
+        # Extra context: the last t real tokens of the next row's prompt.
+        donor = prompt.roll(1, dims=0)[:, -t:]
+        ids, ctx_mask = prepend_context(prompt, mask, donor)
+        return ids, ctx_mask, target
 
     def _pad_token_id(self) -> int:
         config = self.hf_config
@@ -280,11 +318,21 @@ class LitCausalLM(CurvatureModule):
             if metrics["ndcg"].update_called:
                 out["util/ndcg10"] = metrics["ndcg"].compute()["ndcg"]
             return out
+        stress = {}
+        if "prefix_match" in metrics:
+            stress[f"{group}/prefix_match"] = metrics["prefix_match"].compute()
+            for kind, t in self.stress:
+                stress[f"{group}/{kind}{t}/match"] = metrics[f"{kind}{t}/match"].compute()["match"]
+                stress[f"{group}/{kind}{t}/prefix_match"] = metrics[f"{kind}{t}/prefix_match"].compute()
         if eval_set.kind == "text_memorization":
-            return {f"{group}/{k}": v for k, v in metrics["mem"].compute().items()}
+            return {f"{group}/{k}": v for k, v in metrics["mem"].compute().items()} | stress
         values = metrics["match"].compute()
         if eval_set.kind == "noise_memorization":
-            return {f"{group}/noise_memorized": values["match"], f"{group}/noise_rule_following": values["alt_match"]}
+            return {
+                f"{group}/noise_memorized": values["match"],
+                f"{group}/noise_rule_following": values["alt_match"],
+                **stress,
+            }
         if eval_set.kind == "backdoor":
             return {"mem/backdoor": values["match"]}
         out = {"util/task_acc": values["match_group_mean"], "util/task_token_acc": values["token_acc"]}
