@@ -33,6 +33,7 @@ Warning:
 from __future__ import annotations
 
 import difflib
+import inspect
 import json
 import math
 import re
@@ -47,6 +48,7 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
+from lightning_curv.baselines.example_tied_dropout import ExampleTiedDropout
 from lightning_curv.curvature import KFACAccumulator, atomic_write_json, classifier_step
 from lightning_curv.curvature.io import atomic_path
 from lightning_curv.data.base import SPLIT_GROUP, EvalSet
@@ -106,6 +108,9 @@ class LitViT(CurvatureModule):
         curvature_modules: Layer patterns tracked by default; None: every block's ``mlp.fc1`` and ``mlp.fc2``.
         cls_position: Token position whose statistics count in ``"cls"`` mode; None: inferred (0 for models
             whose head reads the class token).
+        example_tied_dropout: Train with example-tied dropout (Maini et al., 2023) on every block's MLP hidden
+            channels: ``{"p_fixed": ..., "p_mem": ..., "seed": ...}``; evaluation drops the memorization channels.
+            None (default): ordinary training.
 
     Raises:
         ValueError: On out-of-range sizes or options (checked here, before any model is built).
@@ -131,6 +136,7 @@ class LitViT(CurvatureModule):
         label_smoothing: float = 0.0,
         curvature_modules: list[str] | None = None,
         cls_position: int | None = None,
+        example_tied_dropout: dict[str, float] | None = None,
     ) -> None:
         super().__init__()
         for field_name, value in (
@@ -143,9 +149,7 @@ class LitViT(CurvatureModule):
                 raise ValueError(f"{field_name} must be a positive integer or None, got {value!r}.")
         _check_divisible(img_size, patch_size, name)
         if scheduler not in ("constant_with_warmup", "cosine", "linear"):
-            raise ValueError(
-                f"scheduler must be 'constant_with_warmup', 'cosine' or 'linear', got {scheduler!r}."
-            )
+            raise ValueError(f"scheduler must be 'constant_with_warmup', 'cosine' or 'linear', got {scheduler!r}.")
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}.")
         if warmup_steps < 0:
@@ -172,6 +176,11 @@ class LitViT(CurvatureModule):
         self.label_smoothing = label_smoothing
         self._curvature_modules = curvature_modules
         self.cls_position = cls_position
+        unknown_etd = sorted(set(example_tied_dropout or {}) - {"p_fixed", "p_mem", "seed"})
+        if unknown_etd:
+            raise ValueError(f"example_tied_dropout takes p_fixed, p_mem and seed; unknown keys {unknown_etd}.")
+        self.example_tied_dropout = dict(example_tied_dropout) if example_tied_dropout is not None else None
+        self.etd: ExampleTiedDropout | None = None
         #: Sizes read from the attached data module in ``setup`` (used for fields left None, then checked).
         self._data_sizes: dict[str, int] = {}
         #: The ``timm.create_model`` keywords the backbone was built with (set by ``configure_model``).
@@ -209,6 +218,19 @@ class LitViT(CurvatureModule):
         self.create_kwargs = {k: v for k, v in kwargs.items() if v is not None}
         self._record_resolved(model)
         self._check_against_data()
+        if self.example_tied_dropout is not None:
+            etd = self.example_tied_dropout
+            self.etd = ExampleTiedDropout.install(
+                model, "blocks.*.mlp", etd.get("p_fixed", 0.2), etd.get("p_mem", 0.1), int(etd.get("seed", 0))
+            )
+
+    def with_example_tied_dropout(self, p_fixed: float, p_mem: float, seed: int = 0) -> LitViT:
+        """A fresh, untrained copy of this module's architecture that trains with example-tied dropout."""
+        accepted = inspect.signature(type(self).__init__).parameters
+        hparams = {k: v for k, v in self.hparams.items() if k in accepted}  # LightningCLI adds `_class_path`
+        hparams.update(checkpoint=None, pretrained=False)
+        hparams["example_tied_dropout"] = {"p_fixed": p_fixed, "p_mem": p_mem, "seed": seed}
+        return type(self)(**hparams)
 
     def _resolve_architecture(self, recorded: Mapping[str, Any] | None) -> tuple[str, dict[str, Any]]:
         """``(name, create_model keywords)`` from the fields, a checkpoint's record and the data module."""
@@ -257,13 +279,9 @@ class LitViT(CurvatureModule):
             return
         problems = []
         if "image_size" in data and self.sizes["img_size"] not in (None, data["image_size"]):
-            problems.append(
-                f"the data has {data['image_size']}px images but img_size={self.sizes['img_size']}"
-            )
+            problems.append(f"the data has {data['image_size']}px images but img_size={self.sizes['img_size']}")
         if "in_chans" in data and self.sizes["in_chans"] not in (None, data["in_chans"]):
-            problems.append(
-                f"the data has {data['in_chans']} channel(s) but in_chans={self.sizes['in_chans']}"
-            )
+            problems.append(f"the data has {data['in_chans']} channel(s) but in_chans={self.sizes['in_chans']}")
         if "num_classes" in data and self.sizes["num_classes"] is not None:
             if self.sizes["num_classes"] < data["num_classes"]:
                 problems.append(
@@ -271,9 +289,7 @@ class LitViT(CurvatureModule):
                 )
         if problems:
             raise ValueError(
-                "The model does not fit the data: "
-                + "; ".join(problems)
-                + ". Set the model's sizes to the data's "
+                "The model does not fit the data: " + "; ".join(problems) + ". Set the model's sizes to the data's "
                 "(or leave them unset to take them from the data module)."
             )
 
@@ -306,7 +322,11 @@ class LitViT(CurvatureModule):
     # ------------------------------------------------------------------ training
     @override
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
-        logits = self(batch)
+        if self.etd is not None:
+            with self.etd.indices(batch["index"]):
+                logits = self(batch)
+        else:
+            logits = self(batch)
         labels = batch["labels"]
         loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
         acc = (logits.argmax(dim=-1) == labels).float().mean()
@@ -350,9 +370,7 @@ class LitViT(CurvatureModule):
             return self.cls_position
         model = self.model
         pool = getattr(model, "global_pool", None)
-        has_token = (
-            getattr(model, "cls_token", None) is not None or getattr(model, "num_prefix_tokens", 0) > 0
-        )
+        has_token = getattr(model, "cls_token", None) is not None or getattr(model, "num_prefix_tokens", 0) > 0
         if pool == "token" and has_token and getattr(model, "attn_pool", None) is None:
             return 0
         raise ValueError(
@@ -409,9 +427,7 @@ class LitViT(CurvatureModule):
         if eval_set.kind == "classification":
             num_classes = self.num_classes
             if num_classes is None:
-                raise ValueError(
-                    "num_classes is unknown: set model.num_classes or use a data module that has it."
-                )
+                raise ValueError("num_classes is unknown: set model.num_classes or use a data module that has it.")
             return nn.ModuleDict({"acc": MulticlassAccuracy(num_classes=num_classes, average="micro")})
         if eval_set.kind == "label_memorization":
             return nn.ModuleDict({"mem": LabelMemorizationMetric()})
@@ -603,16 +619,12 @@ def read_vit_checkpoint(checkpoint: str) -> tuple[dict[str, Any] | None, dict[st
         try:
             raw = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as err:
-            raise ValueError(
-                f"Could not read {path} as a torch state dict or Lightning checkpoint: {err}"
-            ) from err
+            raise ValueError(f"Could not read {path} as a torch state dict or Lightning checkpoint: {err}") from err
         if not isinstance(raw, Mapping):
             raise ValueError(f"{path} holds a {type(raw).__name__}, not a state dict.")
         if "state_dict" in raw and "hyper_parameters" in raw:  # a Lightning checkpoint of a LitViT
             hp = raw["hyper_parameters"]
-            state = _strip_prefix(
-                {k: v for k, v in raw["state_dict"].items() if k.startswith("model.")}, "model."
-            )
+            state = _strip_prefix({k: v for k, v in raw["state_dict"].items() if k.startswith("model.")}, "model.")
             if "name" in hp:
                 kwargs = {k: hp.get(k) for k in _SIZE_FIELDS if hp.get(k) is not None}
                 kwargs.update(hp.get("model_kwargs") or {})
