@@ -346,7 +346,9 @@ class CurvTrainer(Trainer):
         if isinstance(self.logger, WandbLogger):
             self.logger.log_image("edit/tradeoff", [str(png)])
             self.logger.log_table(
-                "edit/sweep", columns=[str(c) for c in columns], data=[[_cell(r.get(c)) for c in columns] for r in rows]
+                "edit/sweep",
+                columns=[str(c) for c in columns],
+                data=[[_cell(c, r.get(c)) for c in columns] for r in rows],
             )
 
     # ------------------------------------------------------------------ compare
@@ -538,12 +540,13 @@ class CurvTrainer(Trainer):
         return payload
 
 
-def _cell(value: Any) -> Any:
-    if isinstance(value, dict):
-        return ",".join(f"{k}={v}" for k, v in value.items())
-    if isinstance(value, float) and math.isnan(value):
+def _cell(column: str, value: Any) -> Any:
+    """A W&B table cell: the ρ column is text ("before", 0.9, or a per-module mapping), metrics are numbers."""
+    if column == "rho":
+        return ",".join(f"{k}={v}" for k, v in value.items()) if isinstance(value, dict) else str(value)
+    if not isinstance(value, (int, float)) or (isinstance(value, float) and math.isnan(value)):
         return None
-    return value
+    return float(value)
 
 
 def _describe(obj: Any) -> dict[str, Any]:

@@ -337,3 +337,17 @@ def test_analyze_writes_json_and_plots(fitted, collected, tmp_path):
     assert set(analysis["spectra"]) == set(payload["spectra"])
     for name in ("spectra", "pair_curvature", "bands", "scores"):
         assert (out / f"{name}.png").stat().st_size > 0
+
+
+def test_default_logger_is_offline_wandb_with_tables_and_images(fitted, collected, tmp_path):
+    fit_dir, cache = fitted
+    out = tmp_path / "edit"
+    main([
+        "edit", "--config", TINY, "--run_dir", str(out), "--data.init_args.cache_dir", str(cache),
+        "--trainer.logger", "lightning.pytorch.loggers.WandbLogger", "--trainer.logger.offline", "true",
+        "--ckpt_path", str(fit_dir / "checkpoints" / "final.ckpt"),
+        "--factors", str(collected / "factors.safetensors"), "--edit.rho", "[1.0, 0.2]",
+    ])
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, "one offline W&B run in the run directory"
+    assert json.loads((out / "metrics.json").read_text())["command"] == "edit"
