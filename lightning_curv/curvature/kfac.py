@@ -40,7 +40,7 @@ from lightning_curv.curvature.modules import layer_dims, resolve_modules
 Selection = Tensor | int | None
 
 #: Block size of the symmetric (upper block triangle) accumulation; measured in benchmarks/kfac_overhead.py.
-DEFAULT_BLOCK_SIZE = 256
+DEFAULT_BLOCK_SIZE = 128
 
 
 @dataclass
