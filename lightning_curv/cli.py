@@ -1,13 +1,15 @@
 """``python -m lightning_curv``: LightningCLI with the subcommands of the curvature workflow.
 
-Subcommands: ``fit``, ``evaluate``, ``collect``, ``edit`` and ``pipeline`` (fit -> collect -> edit -> evaluate),
-plus Lightning's ``validate``/``test``/``predict``. They are methods of :class:`CurvTrainer`, registered in
+Subcommands: ``fit``, ``evaluate``, ``collect``, ``edit``, ``pipeline`` (fit -> collect -> edit -> evaluate),
+``compare`` (the curvature edit against the baselines) and ``analyze`` (spectra, activation bands, per-example
+scores), plus Lightning's ``validate``/``test``/``predict``. They are methods of :class:`CurvTrainer`, registered in
 :meth:`CurvCLI.subcommands` (the mechanism LightningCLI supports for custom subcommands).
 
 One YAML describes an experiment: ``model:``, ``data:`` and ``trainer:`` as in any LightningCLI config, plus the
-stage sections ``collect:`` (:class:`CollectOptions`) and ``edit:`` (:class:`EditOptions`). Every subcommand
-accepts the whole file and reads the sections it needs, so ``fit``, ``collect``, ``edit`` and ``pipeline`` can
-share one config.
+stage sections ``collect:`` (:class:`CollectOptions`), ``edit:`` (:class:`EditOptions`), ``compare:``
+(:class:`~lightning_curv.compare.CompareOptions`) and ``analyze:``
+(:class:`~lightning_curv.analysis.report.AnalyzeOptions`). Every subcommand accepts the whole file and reads the
+sections it needs, so all of them can share one config.
 
 Every command writes one run directory (``--run_dir``, default ``runs/<command>-<timestamp>``) holding the
 resolved ``config.yaml``, its artifacts and ``metrics.json``; the directory is printed at the end.
@@ -15,6 +17,8 @@ resolved ``config.yaml``, its artifacts and ``metrics.json``; the directory is p
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import math
 import os
 import shutil
@@ -606,6 +610,40 @@ class CurvCLI(LightningCLI):
         self._subcommand_method_arguments[subcommand] = added
         return parser
 
+    def _parse_ckpt_path(self) -> None:
+        """Fill the model options the config leaves at their defaults from ``--ckpt_path``'s hyperparameters.
+
+        LightningCLI lets the checkpoint's hyperparameters override the config, which would silently drop options
+        given on the command line with a checkpoint (``--model.init_args.stress_shifts`` with ``evaluate``). Here
+        the config wins; the checkpoint supplies only what the config does not set (e.g. the sizes a ViT resolved
+        from its data).
+        """
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        config = self.config[subcommand]
+        ckpt_path = config.get("ckpt_path")
+        model = config.get("model")
+        if not ckpt_path or not Path(ckpt_path).is_file() or model is None or model.get("init_args") is None:
+            return
+        import torch
+
+        hparams = dict(torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters") or {})
+        class_path = hparams.pop("_class_path", None)
+        hparams.pop("_instantiator", None)
+        if class_path not in (None, model.class_path):
+            raise ValueError(
+                f"--ckpt_path {ckpt_path} holds a {class_path}, but the config's model is {model.class_path}; "
+                "use the config the checkpoint was trained with."
+            )
+        module_name, _, class_name = model.class_path.rpartition(".")
+        signature = inspect.signature(getattr(importlib.import_module(module_name), class_name).__init__)
+        init_args = model.init_args
+        for key, value in hparams.items():
+            parameter = signature.parameters.get(key)
+            if parameter is not None and key in init_args and init_args[key] == parameter.default:
+                init_args[key] = value
+
     def before_instantiate_classes(self) -> None:
         """Fix the run directory (shared with DDP child processes) and point the Trainer and logger at it."""
         config = self.config[self.subcommand]
@@ -688,11 +726,22 @@ class CurvCLI(LightningCLI):
         try:
             fn(**kwargs)
         except BaseException:
+            _finish_wandb(self.trainer, exit_code=1)
             if self._created_run_dir:
                 _remove_if_no_artifacts(run_dir)
             raise
+        _finish_wandb(self.trainer, exit_code=0)
         if self.trainer.is_global_zero:
             print(f"\nRun directory: {run_dir}", flush=True)
+
+
+def _finish_wandb(trainer: Trainer, exit_code: int) -> None:
+    """Close this command's W&B run: WandbLogger leaves it open, and the next run in the process would reuse it."""
+    if any(isinstance(lg, WandbLogger) and getattr(lg, "_experiment", None) is not None for lg in trainer.loggers):
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish(exit_code=exit_code)
 
 
 def _is_wandb(logger: Any) -> bool:

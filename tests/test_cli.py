@@ -87,6 +87,18 @@ def test_evaluate_checkpoint_and_pretrained_dir_agree(fitted, tmp_path):
     assert from_dir["metrics"]["util/task_token_acc"] == from_ckpt["metrics"]["util/task_token_acc"]
 
 
+def test_command_line_options_win_over_the_checkpoint_hparams(fitted, tmp_path):
+    # LightningCLI lets a checkpoint's hparams override the config; here an option given with --ckpt_path counts.
+    fit_dir, cache = fitted
+    payload = run(
+        "evaluate", tmp_path / "stress", cache,
+        "--ckpt_path", str(fit_dir / "checkpoints" / "final.ckpt"),
+        "--model.init_args.stress_shifts", "[1]",
+    )  # fmt: skip
+    shifted = [key for key in payload["metrics"] if "/shift1/" in key]
+    assert shifted, f"the stress option was dropped: {sorted(payload['metrics'])}"
+
+
 def test_collect_writes_factor_file_with_metadata(collected):
     payload = json.loads((collected / "metrics.json").read_text())
     assert payload["command"] == "collect" and payload["num_samples"] == 2000

@@ -417,7 +417,9 @@ class NoisyLabelImageDataModule(pl.LightningDataModule):
             raise ValueError(f"num_workers must be >= 0, got {num_workers}.")
         if limit_train is not None and limit_train < 1:
             raise ValueError(f"limit_train must be positive or None, got {limit_train}.")
-        self.save_hyperparameters()
+        # `in_chans` is left out: LitViT records the channel count it resolved (from this module) in its own
+        # hparams, and Lightning refuses to log a module and a data module whose shared keys differ (None vs 1).
+        self.save_hyperparameters(ignore=["in_chans"])
 
         self.source = source
         self.path = path

@@ -26,22 +26,19 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader
 
 from lightning_curv.data.base import EvalSet
 from lightning_curv.data.collate import (
     RowDataset,
     atomic_torch_save,
-    build_loader,
     config_hash,
     generation_row,
-    generation_to_lm_rows,
     split_selection_test,
 )
+from lightning_curv.data.lm import BatchKind, LMRowsDataModule
 
 try:
     from typing import override
@@ -158,7 +155,7 @@ def read_probes(path: str, text_field: str = "text") -> list[str]:
     return probes
 
 
-class TextDataModule(pl.LightningDataModule):
+class TextDataModule(LMRowsDataModule):
     """A text corpus packed into blocks, a held-out split and optional memorization probes.
 
     Training rows (in :meth:`collect_dataloader` order): the training blocks, then every probe
@@ -308,6 +305,7 @@ class TextDataModule(pl.LightningDataModule):
         return len(self.tokenizer)
 
     @property
+    @override
     def pad_token_id(self) -> int:
         """Padding id: the tokenizer's pad token, or EOS when it has none (padding is masked anyway)."""
         pad = self.tokenizer.pad_token_id
@@ -506,10 +504,6 @@ class TextDataModule(pl.LightningDataModule):
         self.memorization_selection_dataset = RowDataset([rows_of[i] for i in selection])
         self.memorization_test_dataset = RowDataset([rows_of[i] for i in test])
 
-    def _require_setup(self) -> None:
-        if self._data is None:
-            raise RuntimeError("Call prepare_data() and setup() before asking for data.")
-
     @property
     def eval_sets(self) -> list[EvalSet]:
         """Evaluation sets, in the order of the loaders that :meth:`val_dataloader` returns."""
@@ -526,69 +520,20 @@ class TextDataModule(pl.LightningDataModule):
             ]
         return sets
 
-    def _loader(self, dataset: RowDataset, kind: Literal["lm", "generation"], train: bool = False) -> DataLoader:
-        return build_loader(
-            dataset,
-            kind,
-            pad_token_id=self.pad_token_id,
-            batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train,
-            seed=self.seed,
-            num_workers=self.num_workers,
-        )
-
-    @override
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled training rows (LM batches)."""
-        self._require_setup()
-        return self._loader(self.train_dataset, "lm", train=True)
-
-    def collect_dataloader(self) -> DataLoader:
-        """Training rows in order, unshuffled, for the curvature pass (``eval_batch_size`` rows a batch)."""
-        self._require_setup()
-        return self._loader(self.train_dataset, "lm")
-
-    def memorized_dataloader(self, split: Literal["selection", "test"] = "selection") -> DataLoader:
-        """LM batches of one half of the memorized set (loss on the memorized continuation only).
-
-        Methods that learn from the memorized set (BalancedSubnet) train on the selection half; reports use the
-        test half, which they never see.
-        """
-        self._require_setup()
-        dataset = self.memorization_selection_dataset if split == "selection" else self.memorization_test_dataset
-        if dataset is None:
-            raise ValueError("This data module has no memorized set (configure one to use this method).")
-        return self._loader(generation_to_lm_rows(dataset), "lm")
-
-    def retain_dataloader(self) -> DataLoader:
-        """Shuffled LM batches of training data that is not in the memorized set."""
-        self._require_setup()
-        return self._loader(RowDataset(self.train_dataset.rows[: self.num_train_blocks]), "lm", train=True)
-
-    @override
-    def predict_dataloader(self) -> DataLoader:
-        """The curvature pass runs in ``trainer.predict``: the same loader as :meth:`collect_dataloader`."""
-        return self.collect_dataloader()
-
-    def _eval_loaders(self) -> list[DataLoader]:
-        self._require_setup()
-        loaders = [self._loader(self.heldout_dataset, "lm")]
+    def _eval_datasets(self) -> list[tuple[RowDataset, BatchKind]]:
+        datasets: list[tuple[RowDataset, BatchKind]] = [(self.heldout_dataset, "lm")]
         if self.memorization_selection_dataset is not None:
-            loaders += [
-                self._loader(self.memorization_selection_dataset, "generation"),
-                self._loader(self.memorization_test_dataset, "generation"),
+            datasets += [
+                (self.memorization_selection_dataset, "generation"),
+                (self.memorization_test_dataset, "generation"),
             ]
-        return loaders
+        return datasets
 
-    @override
-    def val_dataloader(self) -> list[DataLoader]:
-        """One loader per entry of :attr:`eval_sets`, in that order."""
-        return self._eval_loaders()
+    def _memorized_dataset(self, split: Literal["selection", "test"]) -> RowDataset | None:
+        return self.memorization_selection_dataset if split == "selection" else self.memorization_test_dataset
 
-    @override
-    def test_dataloader(self) -> list[DataLoader]:
-        """Same loaders as :meth:`val_dataloader`."""
-        return self._eval_loaders()
+    def _retain_rows(self) -> list[dict]:
+        return self.train_dataset.rows[: self.num_train_blocks]
 
 
 def pack_blocks(stream: Tensor, block_size: int) -> list[Tensor]:

@@ -30,21 +30,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import lightning.pytorch as pl
 import numpy as np
 from torch import Tensor
-from torch.utils.data import DataLoader
 
 from lightning_curv.data.base import EvalSet
 from lightning_curv.data.collate import (
     RowDataset,
     atomic_save_json,
-    build_loader,
     config_hash,
     generation_row,
-    generation_to_lm_rows,
     split_selection_test,
 )
+from lightning_curv.data.lm import BatchKind, LMRowsDataModule
 
 try:
     from typing import override
@@ -258,7 +255,7 @@ def _distinct_ints(rng: np.random.Generator, high: int, size: int) -> list[int]:
     return list(seen)
 
 
-class TinyMemDataModule(pl.LightningDataModule):
+class TinyMemDataModule(LMRowsDataModule):
     """TinyMem-style data: clean rule sequences, duplicated noised sequences, optional backdoors.
 
     Training rows (in :meth:`collect_dataloader` order): clean training sequences, then each noised sequence
@@ -577,10 +574,6 @@ class TinyMemDataModule(pl.LightningDataModule):
             ]
         )
 
-    def _require_setup(self) -> None:
-        if self._data is None:
-            raise RuntimeError("Call prepare_data() and setup() before asking for data.")
-
     @property
     def vocab_size(self) -> int:
         """Vocabulary size of :attr:`tokenizer` (the model's ``vocab_size``)."""
@@ -599,69 +592,25 @@ class TinyMemDataModule(pl.LightningDataModule):
             sets.append(EvalSet("backdoor", "backdoor", groups=self.rules))
         return sets
 
-    def _loader(self, dataset: RowDataset, kind: Literal["lm", "generation"], train: bool = False) -> DataLoader:
-        return build_loader(
-            dataset,
-            kind,
-            pad_token_id=self.tokenizer.pad_token_id,
-            batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train,
-            seed=self.seed,
-            num_workers=self.num_workers,
-        )
-
+    @property
     @override
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled training rows (LM batches)."""
-        self._require_setup()
-        return self._loader(self.train_dataset, "lm", train=True)
+    def pad_token_id(self) -> int:
+        """Padding id of :attr:`tokenizer`."""
+        return self.tokenizer.pad_token_id
 
-    def collect_dataloader(self) -> DataLoader:
-        """Training rows in order, unshuffled, for the curvature pass (``eval_batch_size`` rows a batch)."""
-        self._require_setup()
-        return self._loader(self.train_dataset, "lm")
-
-    def memorized_dataloader(self, split: Literal["selection", "test"] = "selection") -> DataLoader:
-        """LM batches of one half of the memorized set (loss on the memorized continuation only).
-
-        Methods that learn from the memorized set (BalancedSubnet) train on the selection half; reports use the
-        test half, which they never see.
-        """
-        self._require_setup()
-        dataset = self.noise_selection_dataset if split == "selection" else self.noise_test_dataset
-        if dataset is None:
-            raise ValueError("This data module has no memorized set (configure one to use this method).")
-        return self._loader(generation_to_lm_rows(dataset), "lm")
-
-    def retain_dataloader(self) -> DataLoader:
-        """Shuffled LM batches of training data that is not in the memorized set."""
-        self._require_setup()
-        rows = self.train_dataset.rows
-        clean = [row for row, (kind, _) in zip(rows, self.train_sources, strict=True) if kind == "clean"]
-        return self._loader(RowDataset(clean), "lm", train=True)
-
-    @override
-    def predict_dataloader(self) -> DataLoader:
-        """The curvature pass runs in ``trainer.predict``: the same loader as :meth:`collect_dataloader`."""
-        return self.collect_dataloader()
-
-    def _eval_loaders(self) -> list[DataLoader]:
-        self._require_setup()
-        datasets = {
+    def _eval_datasets(self) -> list[tuple[RowDataset, BatchKind]]:
+        datasets: dict[str, tuple[RowDataset, BatchKind]] = {
             "heldout": (self.heldout_dataset, "lm"),
             "task": (self.task_dataset, "generation"),
             "noise_selection": (self.noise_selection_dataset, "generation"),
             "noise_test": (self.noise_test_dataset, "generation"),
             "backdoor": (self.backdoor_dataset, "generation"),
         }
-        return [self._loader(*datasets[s.name]) for s in self.eval_sets]
+        return [datasets[s.name] for s in self.eval_sets]
 
-    @override
-    def val_dataloader(self) -> list[DataLoader]:
-        """One loader per entry of :attr:`eval_sets`, in that order."""
-        return self._eval_loaders()
+    def _memorized_dataset(self, split: Literal["selection", "test"]) -> RowDataset | None:
+        return self.noise_selection_dataset if split == "selection" else self.noise_test_dataset
 
-    @override
-    def test_dataloader(self) -> list[DataLoader]:
-        """Same loaders as :meth:`val_dataloader`."""
-        return self._eval_loaders()
+    def _retain_rows(self) -> list[dict]:
+        rows = self.train_dataset.rows
+        return [row for row, (kind, _) in zip(rows, self.train_sources, strict=True) if kind == "clean"]

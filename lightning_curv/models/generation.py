@@ -17,6 +17,8 @@ CPU it was as fast as or faster than ``generate`` (B=32, 64-token prompts, 48 ne
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -25,6 +27,15 @@ from torch import Tensor, nn
 def _accepts(model: nn.Module, name: str) -> bool:
     """Whether ``model.forward`` takes a keyword argument ``name``."""
     return name in inspect.signature(model.forward).parameters
+
+
+def _output_field(output: Any, key: str) -> Any:
+    """``output[key]`` of a ``ModelOutput`` (a mapping of its non-None fields), or the attribute of another object."""
+    if isinstance(output, Mapping):
+        if key not in output:
+            raise KeyError(f"The model returned no {key!r}; greedy_generate needs a KV cache (use_cache=True).")
+        return output[key]
+    return getattr(output, key)
 
 
 def _check_prompts(prompt_ids: Tensor, prompt_mask: Tensor) -> None:
@@ -63,8 +74,9 @@ def greedy_generate(
 
     Args:
         model: A Hugging Face causal LM (any module whose forward takes ``input_ids``, ``attention_mask``,
-            ``past_key_values``, ``use_cache`` and returns ``.logits`` [batch, seq, vocab] and
-            ``.past_key_values``; ``position_ids`` and ``logits_to_keep`` are passed when accepted).
+            ``cache`` (``past_key_values`` in transformers < 5.2x), ``use_cache`` and returns ``.logits``
+            [batch, seq, vocab] and the cache under the same name; ``position_ids`` and ``logits_to_keep`` are
+            passed when accepted).
         prompt_ids: Prompt tokens of shape [batch, prompt_len], LEFT-padded.
         prompt_mask: Mask of shape [batch, prompt_len], 1 for real tokens; every row ends with a real token.
         max_new_tokens: Number of tokens to generate per row (0 returns an empty [batch, 0] tensor).
@@ -88,6 +100,8 @@ def greedy_generate(
 
     use_positions = _accepts(model, "position_ids")
     keep_last = _accepts(model, "logits_to_keep")
+    # transformers >= 5.2x names the KV cache `cache` (argument and output); earlier versions `past_key_values`.
+    cache_key = "cache" if _accepts(model, "cache") else "past_key_values"
     # Restore each submodule's own flag: a model may arrive with mixed modes (e.g. frozen parts in eval).
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
@@ -111,7 +125,7 @@ def greedy_generate(
                 break
             kwargs = {
                 "attention_mask": mask[:, : prompt_len + step + 1],
-                "past_key_values": output.past_key_values,
+                cache_key: _output_field(output, cache_key),
                 "use_cache": True,
             }
             if use_positions:

@@ -385,6 +385,9 @@ def test_cli_compare_on_vit_includes_example_tied_dropout(tmp_path) -> None:
         "--ckpt_path", str(tmp_path / "fit" / "checkpoints" / "final.ckpt"),
         "--factors", str(tmp_path / "fit" / "factors.safetensors"),
         "--edit.rho", "[0.5]", "--compare.svd_rho", "[0.5]",
+        # With a logger, Lightning merges the module's and the data module's hparams and rejects shared keys
+        # that differ (the ViT records the in_chans it resolved from the data; the config leaves it null).
+        "--trainer.logger", "lightning.pytorch.loggers.WandbLogger", "--trainer.logger.offline", "true",
     ])
     payload = json.loads((tmp_path / "cmp" / "metrics.json").read_text())
     methods = [row["method"] for row in payload["rows"]]
