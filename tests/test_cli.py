@@ -318,7 +318,7 @@ def test_compare_writes_table_with_every_post_hoc_method(fitted, collected, tmp_
         "--factors", str(collected / "factors.safetensors"),
         "--edit.rho", "[0.3]", "--compare.svd_rho", "[0.5]",
         "--compare.bsn_ratio", "[0.01]", "--compare.bsn_epochs", "1",
-    )
+    )  # fmt: skip
     methods = [row["method"] for row in payload["rows"]]
     assert methods == ["curvature", "random_energy", "random_count", "svd", "balanced_subnet"]
     assert any("example_tied_dropout skipped" in note for note in payload["notes"])
@@ -339,7 +339,7 @@ def test_analyze_writes_json_and_plots(fitted, collected, tmp_path):
         "analyze", out, cache,
         "--ckpt_path", str(fit_dir / "checkpoints" / "final.ckpt"),
         "--factors", str(collected / "factors.safetensors"),
-    )
+    )  # fmt: skip
     assert payload["command"] == "analyze"
     assert set(payload["auroc"]) >= {"loss", "low_curvature_energy"}
     assert all(0.0 <= v <= 1.0 for v in payload["auroc"].values())
@@ -359,7 +359,7 @@ def test_default_logger_is_offline_wandb_with_tables_and_images(fitted, collecte
         "--trainer.logger", "lightning.pytorch.loggers.WandbLogger", "--trainer.logger.offline", "true",
         "--ckpt_path", str(fit_dir / "checkpoints" / "final.ckpt"),
         "--factors", str(collected / "factors.safetensors"), "--edit.rho", "[1.0, 0.2]",
-    ])
+    ])  # fmt: skip
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1, "one offline W&B run in the run directory"
     assert json.loads((out / "metrics.json").read_text())["command"] == "edit"

@@ -26,8 +26,13 @@ FP32 = {"rtol": 1e-5, "atol": 1e-7}  # same float32 computation, different batch
 
 def _datamodule(tmp_path) -> TinyMemDataModule:
     dm = TinyMemDataModule(
-        num_train_per_rule=10, num_heldout_per_rule=4, num_noise=4, noise_duplicates=2,
-        batch_size=8, eval_batch_size=8, cache_dir=str(tmp_path / "cache"),
+        num_train_per_rule=10,
+        num_heldout_per_rule=4,
+        num_noise=4,
+        noise_duplicates=2,
+        batch_size=8,
+        eval_batch_size=8,
+        cache_dir=str(tmp_path / "cache"),
     )
     dm.prepare_data()
     dm.setup()
@@ -93,8 +98,13 @@ def test_kfac_callback_equals_direct_curvature_call(tmp_path):
     patterns = ["model.layers.1.mlp.*"]
     callback = KFACCallback(modules=patterns, fisher="true", seed=3, output=str(tmp_path / "f.safetensors"))
     trainer = Trainer(
-        accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        inference_mode=False, callbacks=[callback], default_root_dir=str(tmp_path),
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        inference_mode=False,
+        callbacks=[callback],
+        default_root_dir=str(tmp_path),
     )
     trainer.predict(lit, datamodule=dm, return_predictions=False)
     direct = collect_factors(lit.model, dm.collect_dataloader(), patterns, fisher="true", seed=3)

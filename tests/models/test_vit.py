@@ -388,7 +388,7 @@ def test_cli_compare_on_vit_includes_example_tied_dropout(tmp_path) -> None:
         # With a logger, Lightning merges the module's and the data module's hparams and rejects shared keys
         # that differ (the ViT records the in_chans it resolved from the data; the config leaves it null).
         "--trainer.logger", "lightning.pytorch.loggers.WandbLogger", "--trainer.logger.offline", "true",
-    ])
+    ])  # fmt: skip
     payload = json.loads((tmp_path / "cmp" / "metrics.json").read_text())
     methods = [row["method"] for row in payload["rows"]]
     assert methods == ["curvature", "random_energy", "random_count", "svd", "example_tied_dropout"]
