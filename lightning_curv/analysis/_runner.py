@@ -12,6 +12,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Literal
 
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor, nn
 
 from lightning_curv.curvature.eigen import KFACEigen
@@ -84,7 +85,7 @@ def check_task(task: str) -> None:
 
 def to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
     """Move the tensors of a batch to ``device``; other values are kept."""
-    return {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in batch.items()}
+    return move_data_to_device(dict(batch), device)
 
 
 def batch_index(batch: Mapping[str, Tensor]) -> Tensor:

@@ -30,6 +30,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
@@ -150,10 +151,6 @@ def _cycle(batches: Iterable[Mapping[str, Tensor]]) -> Iterator[Mapping[str, Ten
             raise ValueError("The retain batches are empty (or a one-shot iterator already consumed).")
 
 
-def _to(batch: Mapping[str, Tensor], device: torch.device) -> dict[str, Tensor]:
-    return {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in batch.items()}
-
-
 def balanced_subnet(
     model: nn.Module,
     modules: str | Sequence[str],
@@ -245,8 +242,8 @@ def balanced_subnet(
         for _ in range(epochs):
             steps = 0
             for mem_batch in memorized:
-                mem_loss = lm_loss(model, _to(mem_batch, device))
-                retain_loss = lm_loss(model, _to(next(retain_batches), device))
+                mem_loss = lm_loss(model, move_data_to_device(dict(mem_batch), device))
+                retain_loss = lm_loss(model, move_data_to_device(dict(next(retain_batches)), device))
                 loss = -(1 - alpha) * mem_loss + alpha * retain_loss
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

@@ -17,7 +17,6 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
 import lightning.pytorch as pl
-import torch
 from torch import Tensor, nn
 from typing_extensions import override
 
@@ -150,8 +149,3 @@ def stage_metrics(callback_metrics: Mapping[str, Tensor], stage: str = "val") ->
         for k, v in sorted(callback_metrics.items())
         if k.startswith(prefix)
     }
-
-
-def to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
-    """Move the tensors of a batch dict to ``device``."""
-    return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
