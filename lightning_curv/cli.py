@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import WandbLogger
@@ -46,7 +47,13 @@ from lightning_curv.compare import (
     train_example_tied_dropout,
     write_csv,
 )
-from lightning_curv.curvature import atomic_write_json, atomic_write_text, check_rho, read_metadata
+from lightning_curv.curvature import (
+    atomic_write_json,
+    atomic_write_text,
+    check_rho,
+    read_metadata,
+    summarize_stats,
+)
 from lightning_curv.models.base import stage_metrics
 from lightning_curv.reporting import (
     DEFAULT_MAX_DROP,
@@ -282,17 +289,7 @@ class CurvTrainer(Trainer):
                     out.update(cb.handle.stats if cb.handle else {})
 
                 metrics = self._evaluate_with(model, datamodule, callback, _keep_stats)
-                stats = list(handle_stats.values())
-                edits.append(
-                    {
-                        "rho": rho,
-                        "modules": list(handle_stats),
-                        "kept_pairs_fraction": sum(s.kept_pairs for s in stats)
-                        / max(sum(s.total_pairs for s in stats), 1),
-                        "removed_energy": sum(s.removed_energy for s in stats) / max(len(stats), 1),
-                        **metrics,
-                    }
-                )
+                edits.append({"rho": rho, "modules": list(handle_stats), **summarize_stats(handle_stats), **metrics})
         finally:
             callback.rho = None
             self.callbacks.remove(callback)
@@ -626,8 +623,6 @@ class CurvCLI(LightningCLI):
         model = config.get("model")
         if not ckpt_path or not Path(ckpt_path).is_file() or model is None or model.get("init_args") is None:
             return
-        import torch
-
         hparams = dict(torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters") or {})
         class_path = hparams.pop("_class_path", None)
         hparams.pop("_instantiator", None)

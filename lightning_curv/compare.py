@@ -20,7 +20,7 @@ import lightning.pytorch as pl
 import torch
 
 from lightning_curv.baselines import apply_random_pair_edit, apply_svd_edit, balanced_subnet
-from lightning_curv.curvature import EditHandle, KFACEigen, apply_edit, atomic_write_text
+from lightning_curv.curvature import EditHandle, KFACEigen, apply_edit, atomic_write_text, summarize_stats
 from lightning_curv.reporting import plot_tradeoff, report_key, select_edit, selection_key, utility_key
 
 Method = Literal["curvature", "svd", "random_energy", "random_count", "balanced_subnet", "example_tied_dropout"]
@@ -60,15 +60,6 @@ class CompareOptions:
             raise ValueError(f"Unknown compare methods {unknown}; choose from {METHODS}.")
 
 
-def _stats_row(handle: EditHandle) -> dict[str, float]:
-    stats = list(handle.stats.values())
-    total = max(sum(s.total_pairs for s in stats), 1)
-    return {
-        "kept_pairs_fraction": sum(s.kept_pairs for s in stats) / total,
-        "removed_energy": sum(s.removed_energy for s in stats) / max(len(stats), 1),
-    }
-
-
 def run_post_hoc(
     model: torch.nn.Module,
     eigens: Mapping[str, KFACEigen],
@@ -97,7 +88,7 @@ def run_post_hoc(
 
     def measure(method: str, strength: Any, handle: EditHandle) -> None:
         try:
-            rows.append({"method": method, "strength": strength, **_stats_row(handle), **evaluate()})
+            rows.append({"method": method, "strength": strength, **summarize_stats(handle.stats), **evaluate()})
         finally:
             handle.undo()
 

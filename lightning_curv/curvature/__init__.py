@@ -22,6 +22,7 @@ from lightning_curv.curvature.edit import (
     pair_curvature,
     project_weight,
     resolve_rho,
+    summarize_stats,
 )
 from lightning_curv.curvature.eigen import KFACEigen, eigendecompose, symmetric_eigh
 from lightning_curv.curvature.io import (
@@ -85,6 +86,7 @@ __all__ = [
     "read_metadata",
     "resolve_modules",
     "resolve_rho",
+    "summarize_stats",
     "row_seed",
     "save_eigens",
     "save_factors",

@@ -129,6 +129,23 @@ class EditStats:
     removed_energy: float
 
 
+def summarize_stats(stats: Mapping[str, EditStats]) -> dict[str, float]:
+    """One row for an edit of several layers: the share of all eigen-pairs kept, and the mean removed energy.
+
+    Args:
+        stats: Per-module :class:`EditStats` (e.g. :attr:`EditHandle.stats`).
+
+    Returns:
+        ``{"kept_pairs_fraction": Σ kept / Σ total, "removed_energy": mean of ‖W − W'‖² / ‖W‖² over modules}``
+        (0 for both when ``stats`` is empty).
+    """
+    values = list(stats.values())
+    return {
+        "kept_pairs_fraction": sum(s.kept_pairs for s in values) / max(sum(s.total_pairs for s in values), 1),
+        "removed_energy": sum(s.removed_energy for s in values) / max(len(values), 1),
+    }
+
+
 @dataclass
 class EditHandle:
     """Undo handle returned by :func:`apply_edit`; also a context manager that undoes on exit.

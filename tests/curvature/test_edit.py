@@ -15,6 +15,7 @@ from lightning_curv.curvature import (
     pair_curvature,
     project_weight,
     resolve_rho,
+    summarize_stats,
     weight_matrix,
 )
 from tests.cases import GPT2_MLP, LLAMA_MLP, lm_batch, tiny_gpt2, tiny_llama
@@ -121,6 +122,26 @@ def test_apply_edit_changes_only_edited_modules_and_undo_is_bit_exact():
     assert all(0 < s.removed_energy < 1 for s in handle.stats.values())
     handle.undo()
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_summarize_stats_pools_pairs_and_averages_energy():
+    model = tiny_llama()
+    factors = collect_factors(model, [lm_batch()], "model.layers.1.mlp.*")
+    eigens = {n: eigendecompose(f) for n, f in factors.items()}
+    with apply_edit(model, eigens, 0.5) as handle:
+        modules = dict(model.named_modules())
+        kept = total = 0
+        energies = []
+        for name, eigen in eigens.items():
+            mask = curvature_mask(eigen, 0.5)[0]
+            kept, total = kept + int(mask.sum()), total + mask.numel()
+            W = weight_matrix(modules[name]).detach().double()
+            W0 = handle.originals[name].double()  # Llama linear: parameter layout is [d_out, d_in]
+            energies.append(float((W0 - W).square().sum() / W0.square().sum()))
+        summary = summarize_stats(handle.stats)
+    assert summary["kept_pairs_fraction"] == pytest.approx(kept / total)
+    assert summary["removed_energy"] == pytest.approx(sum(energies) / len(energies), rel=1e-4)
+    assert summarize_stats({}) == {"kept_pairs_fraction": 0.0, "removed_energy": 0.0}
 
 
 def test_apply_edit_on_conv1d_layers_matches_project_weight():
