@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_curv.curvature import row_seed
+from lightning_curv.utils import row_seed
 from lightning_curv.curvature.kfac import sample_from_logits
 
 

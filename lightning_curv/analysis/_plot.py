@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from lightning_curv.curvature.io import atomic_path
+from lightning_curv.utils import atomic_path
 
 #: Most modules drawn with a legend; beyond this the lines stay unlabeled.
 MAX_LEGEND_ENTRIES = 12

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,22 +20,8 @@ from lightning_curv.analysis.scores import (
     score_aurocs,
 )
 from lightning_curv.analysis.spectra import plot_pair_curvature, plot_spectra, summarize_spectra
-from lightning_curv.curvature import KFACEigen, atomic_write_json
-
-
-@dataclass
-class AnalyzeOptions:
-    """The ``analyze:`` section.
-
-    Attributes:
-        rhos: ρ values at which kept pairs (spectra) and dropped gradient mass (scores) are reported.
-        max_batches: Analyse at most this many training batches (None: the whole training set).
-        gradient_scores: Also compute the per-example gradient-mass scores (one backward per batch).
-    """
-
-    rhos: list[float] = field(default_factory=lambda: [0.6, 0.75, 0.9])
-    max_batches: int | None = None
-    gradient_scores: bool = True
+from lightning_curv.curvature import KFACEigen
+from lightning_curv.utils import atomic_write_json
 
 
 def analyze_model(

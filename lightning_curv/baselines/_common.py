@@ -1,26 +1,11 @@
-"""Helpers shared by the baseline edits: writing a weight through an :class:`EditHandle`, per-module seeds."""
+"""Helpers shared by the baseline edits: writing a weight through an :class:`EditHandle`."""
 
 from __future__ import annotations
-
-import zlib
 
 import torch
 from torch import Tensor, nn
 
-from lightning_curv.curvature import EditHandle, row_seed, weight_matrix
-
-
-def module_seed(seed: int, name: str) -> int:
-    """A well-mixed seed for module ``name`` that does not depend on which other modules are edited.
-
-    Args:
-        seed: The user's base seed.
-        name: Full module name from ``named_modules()``.
-
-    Returns:
-        A non-negative 63-bit seed.
-    """
-    return row_seed(seed, zlib.crc32(name.encode()))
+from lightning_curv.curvature import EditHandle, weight_matrix
 
 
 def replace_weight(handle: EditHandle, name: str, module: nn.Module, new: Tensor) -> float:

@@ -34,7 +34,7 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from lightning_curv.baselines._common import module_seed, replace_weight
+from lightning_curv.baselines._common import replace_weight
 from lightning_curv.curvature import (
     EditHandle,
     EditStats,
@@ -43,6 +43,7 @@ from lightning_curv.curvature import (
     valid_positions,
     weight_matrix,
 )
+from lightning_curv.utils import name_seed
 
 #: Paper defaults (best OLMo setting of Sakarvadia et al.).
 DEFAULT_ALPHA = 0.7
@@ -230,7 +231,7 @@ def balanced_subnet(
             module = named[name]
             W = weight_matrix(module)
             init = torch.empty(W.shape, device=W.device, dtype=torch.float32)  # [d_out, d_in]
-            generator = torch.Generator(device=W.device).manual_seed(module_seed(seed, name))
+            generator = torch.Generator(device=W.device).manual_seed(name_seed(seed, name))
             nn.init.kaiming_uniform_(init, a=math.sqrt(5), generator=generator)
             masks[name] = _ScoreMask(nn.Parameter(init), num_masked(W.numel(), ratio), is_conv1d_like(module))
             parametrize.register_parametrization(module, "weight", masks[name])

@@ -53,9 +53,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from lightning_curv.baselines._common import module_seed
-from lightning_curv.curvature import is_linear_like, row_seed, weight_matrix
+from lightning_curv.curvature import is_linear_like, weight_matrix
 from lightning_curv.curvature.modules import match_names
+from lightning_curv.utils import name_seed, row_seed
 
 DropoutMode = Literal["auto", "train", "drop", "average"]
 DROPOUT_MODES: tuple[str, ...] = ("auto", "train", "drop", "average")
@@ -247,7 +247,7 @@ class ExampleTiedDropout:
             Sorted channel ids of shape ``[B, n_mem]`` (long, CPU), all in ``[n_fixed, d)``.
         """
         d, n_fixed, n_mem = self.num_channels(layer), self.num_fixed(layer), self.num_mem(layer)
-        layer_seed = module_seed(self.seed, layer)
+        layer_seed = name_seed(self.seed, layer)
         rows = []
         for i in index.tolist():
             generator = torch.Generator().manual_seed(row_seed(layer_seed, int(i)))

@@ -28,8 +28,9 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from lightning_curv.baselines._common import module_seed, replace_weight
+from lightning_curv.baselines._common import replace_weight
 from lightning_curv.curvature import EditHandle, EditStats, KFACEigen, pair_curvature, weight_matrix
+from lightning_curv.utils import name_seed
 
 MatchMode = Literal["energy", "count"]
 MATCH_MODES: tuple[str, ...] = ("energy", "count")
@@ -180,7 +181,7 @@ def apply_random_pair_edit(
                     f"Reference stats of {name!r} count {ref.total_pairs} pairs, the layer has {C.numel()}: "
                     "match a curvature edit (apply_edit), not another kind of edit."
                 )
-            s = module_seed(seed, name)
+            s = name_seed(seed, name)
             if match == "count":
                 keep = random_pair_mask(C, s, num_removed=ref.total_pairs - ref.kept_pairs)
             else:

@@ -30,7 +30,7 @@ from typing_extensions import override
 
 from lightning_curv.curvature import KFACAccumulator, KFACFactors, model_identity, save_factors
 from lightning_curv.curvature.constants import FISHER_TYPES
-from lightning_curv.curvature.io import atomic_path
+from lightning_curv.utils import atomic_path
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 

@@ -26,8 +26,6 @@ from lightning_curv.curvature.edit import (
 )
 from lightning_curv.curvature.eigen import KFACEigen, eigendecompose, symmetric_eigh
 from lightning_curv.curvature.io import (
-    atomic_write_json,
-    atomic_write_text,
     check_model,
     load_eigens,
     load_factors,
@@ -44,7 +42,6 @@ from lightning_curv.curvature.kfac import (
     classifier_step,
     collect_factors,
     fisher_targets,
-    row_seed,
     select_positions,
     valid_positions,
 )
@@ -66,8 +63,6 @@ __all__ = [
     "KFACFactors",
     "Selection",
     "apply_edit",
-    "atomic_write_json",
-    "atomic_write_text",
     "causal_lm_step",
     "check_model",
     "check_rho",
@@ -87,7 +82,6 @@ __all__ = [
     "resolve_modules",
     "resolve_rho",
     "summarize_stats",
-    "row_seed",
     "save_eigens",
     "save_factors",
     "select_positions",

@@ -11,11 +11,8 @@ file is written to a temporary name and renamed into place.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -39,6 +36,7 @@ from lightning_curv.curvature.constants import (
 from lightning_curv.curvature.eigen import KFACEigen
 from lightning_curv.curvature.kfac import KFACFactors
 from lightning_curv.curvature.modules import weight_matrix
+from lightning_curv.utils import atomic_path, json_default, sha256_hex
 
 #: Config fields that change when a model is saved and reloaded, and do not change what it computes.
 _VOLATILE_CONFIG_KEYS = {
@@ -57,67 +55,15 @@ _VOLATILE_CONFIG_KEYS = {
 }
 
 
-# ---------------------------------------------------------------------------- atomic writes
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike):
-    """Yield a fresh temporary path beside ``path``; on success rename it onto ``path``, on error delete it.
-
-    Readers (other ranks, other processes) see either the old file, no file, or the complete new one.
-
-    Args:
-        path: Final destination; parent folders are created.
-
-    Yields:
-        The temporary path to write.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write text to ``path`` atomically."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write ``obj`` as indented JSON to ``path`` atomically."""
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, Tensor):
-        return obj.tolist()
-    if isinstance(obj, (Path, torch.dtype)):
-        return str(obj)
-    raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
-
-
 # ---------------------------------------------------------------------------- model identity
-def _sha256(chunks: list[bytes]) -> str:
-    h = hashlib.sha256()
-    for chunk in chunks:
-        h.update(chunk)
-    return h.hexdigest()
-
-
-def config_hash(model: nn.Module) -> str | None:
+def model_config_hash(model: nn.Module) -> str | None:
     """Hash of ``model.config`` (Hugging Face models) without fields that change on save/reload, else None."""
     config = getattr(model, "config", None)
     to_dict = getattr(config, "to_dict", None)
     if not callable(to_dict):
         return None
     fields = {k: v for k, v in to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
-    return _sha256([json.dumps(fields, sort_keys=True, default=str).encode()])
+    return sha256_hex([json.dumps(fields, sort_keys=True, default=str).encode()])
 
 
 def weights_hash(model: nn.Module, module_names: list[str]) -> str:
@@ -127,7 +73,7 @@ def weights_hash(model: nn.Module, module_names: list[str]) -> str:
     for name in module_names:
         W = weight_matrix(modules[name]).detach().float().cpu().contiguous()
         chunks += [name.encode(), str(tuple(W.shape)).encode(), W.numpy().tobytes()]
-    return _sha256(chunks)
+    return sha256_hex(chunks)
 
 
 def model_identity(model: nn.Module, module_names: list[str]) -> dict[str, str | None]:
@@ -143,8 +89,8 @@ def model_identity(model: nn.Module, module_names: list[str]) -> dict[str, str |
     structure = [f"{n}:{tuple(p.shape)}".encode() for n, p in model.named_parameters()]
     return {
         "class": f"{type(model).__module__}.{type(model).__qualname__}",
-        "config_hash": config_hash(model),
-        "structure_hash": _sha256(structure),
+        "config_hash": model_config_hash(model),
+        "structure_hash": sha256_hex(structure),
         "weights_hash": weights_hash(model, module_names),
     }
 
@@ -206,7 +152,7 @@ def _header(
         "num_samples": max((m["num_samples"] for m in modules.values()), default=0),
         **dict(metadata or {}),
     }
-    return {METADATA_KEY: json.dumps(info, default=_json_default)}
+    return {METADATA_KEY: json.dumps(info, default=json_default)}
 
 
 def _write(tensors: dict[str, Tensor], path: str | os.PathLike, header: dict[str, str]) -> None:

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from lightning_curv.curvature.constants import FISHER_TYPES, IGNORE_INDEX, FisherType
 from lightning_curv.curvature.modules import layer_dims, resolve_modules
+from lightning_curv.utils import row_seed
 
 #: Which positions of a layer's ``[..., d]`` input count as samples: a boolean mask over the leading
 #: dimensions, an integer position along dimension 1 (CLS-only mode), or None for every position.
@@ -373,14 +374,6 @@ def valid_positions(attention_mask: Tensor, labels: Tensor | None = None) -> Ten
     if labels is not None:
         valid[:, :-1] &= labels[:, 1:] != IGNORE_INDEX
     return valid
-
-
-def row_seed(seed: int, index: int) -> int:
-    """A well-mixed 63-bit seed for dataset row ``index`` (splitmix64 of the pair)."""
-    z = (seed * 0x9E3779B97F4A7C15 + (index + 1) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
-    return (z ^ (z >> 31)) & 0x7FFFFFFFFFFFFFFF
 
 
 def sample_from_logits(logits: Tensor, generator: torch.Generator) -> Tensor:

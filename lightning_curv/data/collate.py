@@ -7,10 +7,7 @@ to the last column of every row) and right-padded targets filled with ``-100``.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from functools import partial
 from typing import Any, Literal
 
@@ -19,10 +16,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_curv.curvature.io import atomic_path
-
-#: Label value that the Hugging Face loss (and every metric here) ignores.
-IGNORE_INDEX = -100
+from lightning_curv.curvature.constants import IGNORE_INDEX
 
 #: A token sequence as stored in a row: a list of ids or a 1-D integer tensor.
 TokenSeq = Sequence[int] | Tensor
@@ -269,52 +263,3 @@ def split_selection_test(num_examples: int, seed: int) -> tuple[list[int], list[
     perm = np.random.default_rng([seed, 0x5E1EC7]).permutation(num_examples)
     half = num_examples // 2
     return sorted(int(i) for i in perm[:half]), sorted(int(i) for i in perm[half:])
-
-
-def config_hash(config: Mapping[str, Any]) -> str:
-    """Return a short stable hash of a JSON-serializable configuration (the cache key).
-
-    Args:
-        config: Settings that determine a cached artifact; keys are sorted before hashing.
-
-    Returns:
-        The first 16 hex digits of the SHA-256 of the canonical JSON.
-    """
-    blob = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Write a file atomically: ``write`` fills a temporary file beside ``path``, which is then renamed.
-
-    Args:
-        path: Final location; parent folders are created.
-        write: Called with the temporary file's path; must write the whole content there.
-    """
-    with atomic_path(path) as tmp:
-        write(str(tmp))
-
-
-def atomic_save_json(obj: Any, path: str | os.PathLike) -> None:
-    """Write ``obj`` as JSON to ``path`` atomically (see :func:`atomic_write`).
-
-    Args:
-        obj: A JSON-serializable object.
-        path: Destination file.
-    """
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            json.dump(obj, f)
-
-    atomic_write(path, write)
-
-
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """Write ``obj`` with :func:`torch.save` to ``path`` atomically (see :func:`atomic_write`).
-
-    Args:
-        obj: Tensors and plain containers (loadable with ``weights_only=True``).
-        path: Destination file.
-    """
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))

@@ -48,6 +48,7 @@ from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
 from lightning_curv.data.base import EvalSet
+from lightning_curv.utils import stream_seed
 
 __all__ = ["DIGITS_IMAGE_SIZE", "DIGITS_NUM_CLASSES", "SOURCES", "NoisyLabelImageDataModule", "flip_labels"]
 
@@ -111,14 +112,9 @@ def flip_labels(labels: Tensor, num_classes: int, fraction: float, seed: int) ->
     return noisy, chosen.sort().values
 
 
-def _derive_seed(seed: int, stream: int) -> int:
-    """The seed of one purpose (``stream``): purposes drawn from one ``seed`` do not share draws."""
-    return (seed * 1_000_003 + stream) % (2**63)
-
-
 def _generator(seed: int, stream: int) -> torch.Generator:
     """A generator for one purpose (``stream``) of ``seed``."""
-    return torch.Generator().manual_seed(_derive_seed(seed, stream))
+    return torch.Generator().manual_seed(stream_seed(seed, stream))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -590,7 +586,7 @@ class NoisyLabelImageDataModule(pl.LightningDataModule):
                     f"got [{int(labels.min())}, {int(labels.max())}] (an unlabeled split?)."
                 )
         noisy_labels, noisy = flip_labels(
-            true_labels, num_classes, self.noise_fraction, _derive_seed(self.seed, _STREAM_FLIP)
+            true_labels, num_classes, self.noise_fraction, stream_seed(self.seed, _STREAM_FLIP)
         )
         halves = torch.randperm(noisy.numel(), generator=_generator(self.seed, _STREAM_HALVES))
         num_selection = noisy.numel() // 2

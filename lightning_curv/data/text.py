@@ -33,12 +33,11 @@ from torch import Tensor
 from lightning_curv.data.base import EvalSet
 from lightning_curv.data.collate import (
     RowDataset,
-    atomic_torch_save,
-    config_hash,
     generation_row,
     split_selection_test,
 )
 from lightning_curv.data.lm import BatchKind, LMRowsDataModule
+from lightning_curv.utils import atomic_torch_save, json_digest
 
 try:
     from typing import override
@@ -333,7 +332,7 @@ class TextDataModule(LMRowsDataModule):
     @property
     def cache_path(self) -> Path:
         """File holding the tokenized corpus for the current files, tokenizer and settings."""
-        return Path(self.cache_dir) / f"text-{config_hash(self.cache_config)}.pt"
+        return Path(self.cache_dir) / f"text-{json_digest(self.cache_config, 16)}.pt"
 
     def _load_documents(self, files: list[str], hub_split: str | None, limit: int | None = None) -> list[str]:
         """Non-blank documents of local files (one format) or of a hub split, at most ``limit`` of them."""

@@ -36,12 +36,11 @@ from torch import Tensor
 from lightning_curv.data.base import EvalSet
 from lightning_curv.data.collate import (
     RowDataset,
-    atomic_save_json,
-    config_hash,
     generation_row,
     split_selection_test,
 )
 from lightning_curv.data.lm import BatchKind, LMRowsDataModule
+from lightning_curv.utils import atomic_write_json, json_digest
 
 try:
     from typing import override
@@ -399,7 +398,7 @@ class TinyMemDataModule(LMRowsDataModule):
     @property
     def cache_path(self) -> Path:
         """JSON file holding the generated data for the current settings."""
-        return Path(self.cache_dir) / f"tinymem-{config_hash(self.generation_config)}.json"
+        return Path(self.cache_dir) / f"tinymem-{json_digest(self.generation_config, 16)}.json"
 
     @property
     def prompt_len(self) -> int:
@@ -492,7 +491,7 @@ class TinyMemDataModule(LMRowsDataModule):
         """Generate the data and write the cache, unless a cache for these settings exists."""
         path = self.cache_path
         if not path.exists():
-            atomic_save_json(self.generate(), path)
+            atomic_write_json(path, self.generate(), indent=None)
 
     @override
     def setup(self, stage: str | None = None) -> None:

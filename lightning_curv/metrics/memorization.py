@@ -21,7 +21,7 @@ from rapidfuzz.distance import Levenshtein
 from torch import Tensor
 from torchmetrics import Metric
 
-IGNORE_INDEX = -100
+from lightning_curv.curvature.constants import IGNORE_INDEX
 
 #: Slack for the float comparison ``1 - d/L >= loose_threshold`` (``d``, ``L`` are integers; ``1 - 3/10``
 #: must count as ``>= 0.7``).

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import Metric
 
-IGNORE_INDEX = -100
+from lightning_curv.curvature.constants import IGNORE_INDEX
 
 
 def summed_token_loss(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX) -> tuple[Tensor, Tensor]:

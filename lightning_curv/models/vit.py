@@ -49,11 +49,11 @@ from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
 from lightning_curv.baselines.example_tied_dropout import ExampleTiedDropout
-from lightning_curv.curvature import KFACAccumulator, atomic_write_json, classifier_step
-from lightning_curv.curvature.io import atomic_path
+from lightning_curv.curvature import KFACAccumulator, classifier_step
 from lightning_curv.data.base import SPLIT_GROUP, EvalSet
 from lightning_curv.metrics.vision import LabelMemorizationMetric
 from lightning_curv.models.base import CurvatureModule, KFACMode
+from lightning_curv.utils import atomic_path, atomic_write_json
 
 __all__ = [
     "DEFAULT_VIT_NAME",

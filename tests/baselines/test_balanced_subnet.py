@@ -11,7 +11,7 @@ from torch.nn.utils import parametrize
 from torch.testing import assert_close
 
 from lightning_curv.baselines import balanced_subnet, lm_loss, num_masked, score_mask
-from lightning_curv.baselines._common import module_seed
+from lightning_curv.utils import name_seed
 from lightning_curv.curvature import is_conv1d_like, weight_matrix
 from tests.cases import LLAMA_MLP, LM_CASES, lm_batch, tiny_llama
 
@@ -68,7 +68,7 @@ def test_ties_are_broken_by_flat_index():
 
 def _initial_scores(weight: torch.Tensor, name: str, seed: int) -> torch.Tensor:
     scores = torch.empty(weight.shape)
-    generator = torch.Generator().manual_seed(module_seed(seed, name))
+    generator = torch.Generator().manual_seed(name_seed(seed, name))
     return nn.init.kaiming_uniform_(scores, a=math.sqrt(5), generator=generator)
 
 

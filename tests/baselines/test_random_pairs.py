@@ -12,7 +12,7 @@ from lightning_curv.baselines import (
     random_pair_mask,
     random_pair_order,
 )
-from lightning_curv.baselines._common import module_seed
+from lightning_curv.utils import name_seed
 from lightning_curv.curvature import (
     EditStats,
     apply_edit,
@@ -60,7 +60,7 @@ def test_energy_match_reaches_the_target_within_one_pair(setup):
             total = W.double().pow(2).sum()
             target = reference.stats[name].removed_energy
             C = eigenbasis_coefficients(W, eigens[name])
-            order = random_pair_order(tuple(C.shape), module_seed(0, name))
+            order = random_pair_order(tuple(C.shape), name_seed(0, name))
             k = stats.total_pairs - stats.kept_pairs
             removed_energy = C.flatten()[order].pow(2) / total  # [n], in removal order
             # The removed set is exactly the first k pairs of the seeded order ...
@@ -95,9 +95,9 @@ def test_random_control_is_not_the_curvature_ordering(setup, match):
         C = eigenbasis_coefficients(W, eigen)
         ref = reference.stats[name]
         if match == "count":
-            keep = random_pair_mask(C, module_seed(0, name), num_removed=ref.total_pairs - ref.kept_pairs)
+            keep = random_pair_mask(C, name_seed(0, name), num_removed=ref.total_pairs - ref.kept_pairs)
         else:
-            keep = random_pair_mask(C, module_seed(0, name), target_energy=ref.removed_energy * float(W.pow(2).sum()))
+            keep = random_pair_mask(C, name_seed(0, name), target_energy=ref.removed_energy * float(W.pow(2).sum()))
         curvature_keep = curvature_mask(eigen, RHO)[0]
         pi = pair_curvature(eigen)
         assert not torch.equal(keep, curvature_keep)

@@ -7,10 +7,7 @@ import torch
 from lightning_curv.data.collate import (
     IGNORE_INDEX,
     RowDataset,
-    atomic_save_json,
-    atomic_write,
     build_loader,
-    config_hash,
     generation_row,
     pad_generation_batch,
     pad_lm_batch,
@@ -108,28 +105,6 @@ def test_split_selection_test_is_seeded():
     assert split_selection_test(50, seed=1) != split_selection_test(50, seed=2)
     with pytest.raises(ValueError):
         split_selection_test(-1, seed=0)
-
-
-def test_config_hash_is_stable_and_sensitive():
-    assert config_hash({"a": 1, "b": [1, 2]}) == config_hash({"b": [1, 2], "a": 1})
-    assert config_hash({"a": 1}) != config_hash({"a": 2})
-    assert len(config_hash({})) == 16
-
-
-def test_atomic_write_leaves_no_partial_file(tmp_path):
-    target = tmp_path / "sub" / "out.json"
-    atomic_save_json({"x": 1}, target)
-    assert target.read_text() == '{"x": 1}'
-
-    def failing(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            f.write("partial")
-        raise RuntimeError("interrupted")
-
-    with pytest.raises(RuntimeError):
-        atomic_write(target, failing)
-    assert target.read_text() == '{"x": 1}'  # the old file is untouched
-    assert os.listdir(target.parent) == ["out.json"]  # and no temporary file is left
 
 
 def test_build_loader_collates_and_pickles():

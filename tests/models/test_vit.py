@@ -152,7 +152,7 @@ def test_callback_cls_statistics_equal_a_direct_call(tmp_path, fisher: str) -> N
 
 
 def test_curv_trainer_collect_equals_a_direct_call(tmp_path) -> None:
-    from lightning_curv.cli import CollectOptions, CurvTrainer
+    from lightning_curv import CollectOptions, CurvTrainer
 
     dm = digits(limit_train=40, batch_size=16)
     model = built(tiny_vit())

@@ -1,10 +1,8 @@
-"""Choosing an edit on the selection half, and showing the memorization-utility trade-off (table and plot)."""
+"""Choosing an edit on the selection half: which metric decides, which utility limits hold, which row wins."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 #: Memorization keys measured on the selection half, in order of preference; lower is less memorization.
@@ -87,95 +85,3 @@ def select_edit(
         return None, f"no edit keeps utility within the limits (drop {dict(max_drop)}, increase {dict(max_increase)})"
     best_i, best = min(allowed, key=lambda ir: (ir[1][key], ir[1].get("removed_energy", 0.0), ir[0]))
     return best_i, f"lowest {key} ({best[key]:.4f}, before {before[key]:.4f}) within the utility limits"
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return "nan" if math.isnan(value) else f"{value:.4f}"
-    if isinstance(value, Mapping):
-        return ",".join(f"{k}={v}" for k, v in value.items())
-    return str(value)
-
-
-def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
-    """A plain-text table of ``rows`` restricted to ``columns`` (missing values shown as ``-``)."""
-    cells = [[_fmt(row.get(c, "-")) for c in columns] for row in rows]
-    widths = [max(len(c), *(len(r[i]) for r in cells)) if cells else len(c) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in cells]
-    return "\n".join(lines)
-
-
-def plot_tradeoff(
-    series: Mapping[str, Sequence[Mapping[str, Any]]],
-    mem_key: str,
-    util_key: str,
-    path: str | Path,
-    *,
-    before: Mapping[str, float] | None = None,
-    selected: Mapping[str, Any] | None = None,
-    label_key: str = "rho",
-    title: str = "Memorization vs utility",
-) -> Path:
-    """Scatter/line plot of memorization against utility, one line per method, saved as PNG.
-
-    Args:
-        series: Rows per method name; each row has ``mem_key``, ``util_key`` and optionally ``label_key``.
-        mem_key: Memorization metric (y axis).
-        util_key: Utility metric (x axis).
-        path: PNG destination (written atomically).
-        before: Unedited model's metrics, drawn as a star.
-        selected: The selected row, circled.
-        label_key: Row field used to annotate points.
-        title: Plot title.
-
-    Returns:
-        The path written.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from lightning_curv.curvature.io import atomic_path
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=110)
-    for name, rows in series.items():
-        pts = [(r[util_key], r[mem_key], r.get(label_key)) for r in rows if util_key in r and mem_key in r]
-        if not pts:
-            continue
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
-        for x, y, lab in pts:
-            if lab is not None and not isinstance(lab, Mapping):
-                ax.annotate(
-                    _fmt(lab) if isinstance(lab, float) else str(lab),
-                    (x, y),
-                    fontsize=7,
-                    xytext=(3, 3),
-                    textcoords="offset points",
-                )
-    if before and util_key in before and mem_key in before:
-        ax.scatter([before[util_key]], [before[mem_key]], marker="*", s=160, color="black", zorder=5, label="before")
-    if selected and util_key in selected and mem_key in selected:
-        ax.scatter(
-            [selected[util_key]],
-            [selected[mem_key]],
-            s=220,
-            facecolors="none",
-            edgecolors="red",
-            linewidths=2,
-            zorder=6,
-            label="selected",
-        )
-    ax.set_xlabel(util_key)
-    ax.set_ylabel(mem_key)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return path

@@ -9,8 +9,6 @@ selection half of the memorized set within the utility limits and reported on th
 
 from __future__ import annotations
 
-import csv
-import io
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,10 +16,14 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.loggers import Logger
 
 from lightning_curv.baselines import apply_random_pair_edit, apply_svd_edit, balanced_subnet
-from lightning_curv.curvature import EditHandle, KFACEigen, apply_edit, atomic_write_text, summarize_stats
-from lightning_curv.reporting import plot_tradeoff, report_key, select_edit, selection_key, utility_key
+from lightning_curv.curvature import EditHandle, KFACEigen, apply_edit, summarize_stats
+from lightning_curv.models.base import stage_metrics
+from lightning_curv.workflow.options import EditOptions
+from lightning_curv.workflow.reporting import plot_tradeoff, report_comparison, write_csv
+from lightning_curv.workflow.selection import report_key, select_edit, selection_key, utility_key
 
 Method = Literal["curvature", "svd", "random_energy", "random_count", "balanced_subnet", "example_tied_dropout"]
 METHODS: tuple[str, ...] = Method.__args__
@@ -176,24 +178,6 @@ def summarize(
     return sorted(out, key=lambda e: (mem not in e, e.get(mem, 0.0)))
 
 
-def write_csv(rows: Sequence[Mapping[str, Any]], path: str | Path) -> None:
-    """``comparison.csv``: one row per (method, strength), the pipeline's metric keys as columns (atomic)."""
-    keys = ["method", "strength", "kept_pairs_fraction", "removed_energy"]
-    metric_keys = sorted({k for r in rows for k in r if k not in keys})
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=keys + metric_keys, extrasaction="ignore")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: _csv_value(row.get(k)) for k in keys + metric_keys})
-    atomic_write_text(path, buffer.getvalue())
-
-
-def _csv_value(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return ";".join(f"{k}={v}" for k, v in value.items())
-    return "" if value is None else value
-
-
 def plot_comparison(before: Mapping[str, float], rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path | None:
     """Pareto plot of test-half memorization against the main utility metric, one line per method."""
     util = utility_key(before)
@@ -244,3 +228,54 @@ def train_example_tied_dropout(
         **metrics,
     }
     return [row], []
+
+
+def compare_methods(
+    model: pl.LightningModule,
+    datamodule: Any,
+    eigens: Mapping[str, KFACEigen],
+    before: Mapping[str, float],
+    edit_options: EditOptions,
+    options: CompareOptions,
+    *,
+    evaluate: Callable[[], dict[str, float]],
+    make_trainer: Callable[[], pl.Trainer] | None,
+    run_dir: Path | None,
+    loggers: Sequence[Logger] = (),
+) -> dict[str, Any]:
+    """Run every method of the comparison, choose each one's operating point, and report.
+
+    Args:
+        model: The compared LightningModule (unedited weights loaded).
+        datamodule: Its data module.
+        eigens: Eigenbases of the edited modules.
+        before: Metrics of the unedited model.
+        edit_options: The ``edit:`` section (curvature strengths and utility limits).
+        options: The ``compare:`` section.
+        evaluate: Scores the current weights of ``model``.
+        make_trainer: Builds a fresh Trainer for training-time methods (None skips them with a note).
+        run_dir: Where ``comparison.csv`` and ``comparison.png`` go; None writes no files (ranks other than 0).
+        loggers: Loggers that get the Pareto plot.
+
+    Returns:
+        ``before``, ``rows``, ``summary`` and ``notes``.
+    """
+    rows, notes = run_post_hoc(model.model, eigens, edit_options.rho, options, evaluate, datamodule)
+    if "example_tied_dropout" in options.methods:
+        if make_trainer is None:
+            notes.append("example_tied_dropout skipped: no trainer factory to train its model")
+        else:
+
+            def evaluate_with(trainer: pl.Trainer, m: pl.LightningModule) -> dict[str, float]:
+                trainer.validate(m, datamodule=datamodule, verbose=False)
+                return stage_metrics(trainer.callback_metrics, "val")
+
+            extra, extra_notes = train_example_tied_dropout(model, datamodule, make_trainer, options, evaluate_with)
+            rows, notes = rows + extra, notes + extra_notes
+    summary = summarize(before, rows, edit_options.max_drop, edit_options.max_increase)
+    payload = {"before": dict(before), "rows": rows, "summary": summary, "notes": notes}
+    if run_dir is not None:
+        write_csv(rows, run_dir / "comparison.csv")
+        png = plot_comparison(before, rows, run_dir / "comparison.png")
+        report_comparison(payload, png, loggers)
+    return payload
