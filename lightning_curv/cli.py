@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import yaml
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
@@ -37,20 +38,30 @@ from lightning_curv.trainer import CurvTrainer
 from lightning_curv.utils import atomic_write_text
 from lightning_curv.workflow.compare import CompareOptions
 from lightning_curv.workflow.options import AnalyzeOptions, CollectOptions, EditOptions
+from lightning_curv.workflow.plan import PlanOptions
 
 #: Lightning's DDP launcher re-runs the command in child processes; they read rank 0's run directory from here
 #: (a timestamped default would differ between processes started a second apart).
 RUN_DIR_ENV = "LIGHTNING_CURV_RUN_DIR"
 
 #: The stage sections and their option classes.
-SECTIONS = {"collect": CollectOptions, "edit": EditOptions, "compare": CompareOptions, "analyze": AnalyzeOptions}
+SECTIONS = {
+    "collect": CollectOptions,
+    "edit": EditOptions,
+    "compare": CompareOptions,
+    "analyze": AnalyzeOptions,
+    "plan": PlanOptions,
+}
 
 #: Files a failed command may leave that are not results; a run directory holding only these is removed.
 _NOT_ARTIFACTS = {"config.yaml", "wandb", "lightning_logs"}
 
 
 class SaveRunConfig(SaveConfigCallback):
-    """Write the resolved config as ``config.yaml`` into the run directory (atomically, rank 0)."""
+    """Write the resolved config as ``config.yaml`` into the run directory (atomically, rank 0); log it too.
+
+    Every logger gets the whole config (all sections, not only the model's hyperparameters) as its run config.
+    """
 
     @override
     def save_config(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -58,6 +69,9 @@ class SaveRunConfig(SaveConfigCallback):
             warnings.simplefilter("ignore")
             text = self.parser.dump(self.config, skip_none=False)
         atomic_write_text(Path(trainer.default_root_dir) / self.config_filename, text)
+        config = yaml.safe_load(text)
+        for logger in trainer.loggers:
+            logger.log_hyperparams(config)
 
 
 class CurvCLI(LightningCLI):
@@ -89,6 +103,7 @@ class CurvCLI(LightningCLI):
             "pipeline": {"model", "datamodule", "collect_options", "edit_options"},
             "compare": {"model", "datamodule", "edit_options", "compare_options", "make_trainer"},
             "analyze": {"model", "datamodule", "options"},
+            "plan": {"model", "datamodule", "collect_options", "options"},
         }
 
     @override
@@ -114,6 +129,9 @@ class CurvCLI(LightningCLI):
         """Let the config win over ``--ckpt_path``'s hyperparameters; fix the run directory; point logger at it."""
         config = self.config[self.subcommand]
         self._apply_checkpoint_hparams(config)
+        if self.subcommand == "plan":  # arithmetic on the meta device: no accelerator, no logger needed
+            for key, value in {"accelerator": "cpu", "devices": 1, "strategy": "auto", "logger": False}.items():
+                config.trainer[key] = value
         inherited = os.environ.get(RUN_DIR_ENV) if os.environ.get("LOCAL_RANK", "0") != "0" else None
         run_dir = Path(config.run_dir or inherited or f"runs/{self.subcommand}-{time.strftime('%Y%m%d-%H%M%S')}")
         if config.run_dir is None and inherited is None:
@@ -193,6 +211,11 @@ class CurvCLI(LightningCLI):
     def analyze(self, **kwargs: Any) -> None:
         """Run ``CurvTrainer.analyze`` with the ``analyze:`` section."""
         self._run(self.trainer.analyze, options=self._section("analyze"), **kwargs)
+
+    def plan(self, **kwargs: Any) -> None:
+        """Run ``CurvTrainer.plan`` with the ``collect:`` and ``plan:`` sections."""
+        sections = {"collect_options": self._section("collect"), "options": self._section("plan")}
+        self._run(self.trainer.plan, **sections, **kwargs)
 
     def _make_run_dir(self) -> Path:
         run_dir = Path(self.config[self.subcommand].run_dir)

@@ -14,6 +14,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch import Trainer
+from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_curv.analysis import memorization_labels
 from lightning_curv.analysis.report import analyze_model
@@ -23,6 +24,7 @@ from lightning_curv.curvature.cache import prepare_eigens
 from lightning_curv.models.base import stage_metrics
 from lightning_curv.workflow.compare import CompareOptions, compare_methods
 from lightning_curv.workflow.options import AnalyzeOptions, CollectOptions, EditOptions
+from lightning_curv.workflow.plan import PlanOptions, format_plan, plan_collection
 from lightning_curv.workflow.reporting import report_analysis, report_sweep, write_metrics
 from lightning_curv.workflow.sweep import RhoSweep, choose
 
@@ -83,6 +85,20 @@ class CurvTrainer(Trainer):
             if callable(recorder):
                 model.stop_reference_recording()
         return stage_metrics(self.callback_metrics, "val")
+
+    def prepare_eigens(
+        self, model: pl.LightningModule, factors: str, modules: list[str] | None = None, cache: str | None = None
+    ) -> dict[str, Any]:
+        """Eigenbases of ``factors`` for ``model``: decomposed once per job on the accelerators, cached by rank 0.
+
+        Args:
+            model: The LightningModule (unedited weights loaded).
+            factors: Factor file.
+            modules: Patterns of the modules to edit (None: all in the file).
+            cache: Eigen file to reuse or write; None: ``eigens.safetensors`` in the run directory.
+        """
+        cache = cache or str(self.run_dir / "eigens.safetensors")
+        return prepare_eigens(model.model, factors, modules=modules, cache=cache, device=self.strategy.root_device)
 
     # ------------------------------------------------------------------ subcommands
     def finish_fit(self, model: pl.LightningModule, datamodule: Any) -> dict[str, float]:
@@ -251,7 +267,7 @@ class CurvTrainer(Trainer):
         before = self.evaluate_metrics(model, datamodule, ckpt_path, reference=True)
         if factors is None:
             factors = str(self.collect(model, datamodule))
-        eigens = prepare_eigens(model.model, factors, modules=edit_options.modules)
+        eigens = self.prepare_eigens(model, factors, edit_options.modules, edit_options.eigen_cache)
         payload = compare_methods(
             model,
             datamodule,
@@ -292,7 +308,7 @@ class CurvTrainer(Trainer):
         factors = _require_factors(factors, "analyze")
         require_file(ckpt_path, "checkpoint", _CKPT_HINT)
         metrics = self.evaluate_metrics(model, datamodule, ckpt_path)  # loads the weights, sets up the data
-        eigens = prepare_eigens(model.model, factors)
+        eigens = self.prepare_eigens(model, factors)
         head = getattr(model, "head_position", None)
         payload = analyze_model(
             model.model,
@@ -312,6 +328,39 @@ class CurvTrainer(Trainer):
         self.write_metrics(payload)
         return payload
 
+    def plan(
+        self,
+        model: pl.LightningModule,
+        datamodule: pl.LightningDataModule | None = None,
+        collect_options: CollectOptions | None = None,
+        options: PlanOptions | None = None,
+    ) -> dict[str, Any]:
+        """Bytes of the accumulators, factor and eigen files, and peak memory of a collection, without weights.
+
+        Args:
+            model: A ``LitCausalLM`` (only its architecture options are read; nothing is loaded).
+            datamodule: Its data module (batch size and block size).
+            collect_options: The ``collect:`` section (tracked modules, accumulation dtype).
+            options: The ``plan:`` section.
+
+        Returns:
+            The plan (also printed and written to ``metrics.json``).
+        """
+        collect_options = collect_options or CollectOptions()
+        hparams = dict(model.hparams)
+        plan = plan_collection(
+            hparams,
+            collect_options.modules,
+            accumulation_dtype=collect_options.dtype,
+            batch_size=int(getattr(datamodule, "batch_size", 1) or 1),
+            block_size=int(getattr(datamodule, "block_size", None) or getattr(datamodule, "max_length", 512)),
+            options=options or PlanOptions(),
+        )
+        if self.is_global_zero:
+            rank_zero_info(format_plan(plan))
+        self.write_metrics({"command": "plan", **plan})
+        return plan
+
     # ------------------------------------------------------------------ the ρ sweep
     def _sweep(
         self,
@@ -324,7 +373,7 @@ class CurvTrainer(Trainer):
     ) -> dict[str, Any]:
         """Evaluate before and at every ρ, select on the selection half, keep the selected edit applied."""
         before = self.evaluate_metrics(model, datamodule, ckpt_path, reference=True)
-        sweep = RhoSweep(model.model, prepare_eigens(model.model, factors, modules=options.modules))
+        sweep = RhoSweep(model.model, self.prepare_eigens(model, factors, options.modules, options.eigen_cache))
         edits = sweep.run(options.rho, lambda: self.evaluate_metrics(model, datamodule))
         selected, why = choose(before, edits, options.max_drop, options.max_increase)
         payload = {"command": command, "before": before, "edits": edits, "selected": selected}

@@ -12,6 +12,8 @@ from safetensors.torch import load_file
 from lightning_curv.cli import main
 from lightning_curv.curvature import load_factors, read_metadata
 
+pytestmark = pytest.mark.slow  # every test here runs the real CLI end to end
+
 TINY = str(Path(__file__).parent / "configs" / "tiny_tinymem.yaml")
 TINYMEM_KEYS = {
     "mem/noise_memorized",
@@ -362,4 +364,17 @@ def test_default_logger_is_offline_wandb_with_tables_and_images(fitted, collecte
     ])  # fmt: skip
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1, "one offline W&B run in the run directory"
-    assert json.loads((out / "metrics.json").read_text())["command"] == "edit"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["command"] == "edit"
+    media = runs[0] / "files" / "media"
+    images = list((media / "images" / "edit").glob("tradeoff_*.png"))
+    assert len(images) == 1 and images[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", "the trade-off plot was logged"
+    (table_file,) = (media / "table" / "edit").glob("sweep_*.table.json")
+    table = json.loads(table_file.read_text())
+    assert table["columns"][0] == "rho" and "mem/noise_memorized" in table["columns"]
+    rows = {row[0]: dict(zip(table["columns"], row, strict=True)) for row in table["data"]}
+    assert set(rows) == {"before", "1.0", "0.2"}
+    for rho, edit in zip(("1.0", "0.2"), metrics["edits"], strict=True):
+        assert rows[rho]["util/ppl"] == pytest.approx(edit["util/ppl"])
+        assert rows[rho]["removed_energy"] == pytest.approx(edit["removed_energy"])
+    assert rows["before"]["util/ppl"] == pytest.approx(metrics["before"]["util/ppl"])

@@ -1,7 +1,13 @@
-"""Checks that need a CUDA device: ``python -m pytest -m gpu`` on a GPU machine (deselected by default).
+"""Checks that need a CUDA device: ``python -m pytest -m gpu`` on a GPU machine (deselected otherwise).
 
-They compare the curvature statistics and the edit on CUDA with the same computation on CPU, in float32 and
-under bf16 autocast (the precision of the multi-GPU recipe in the README).
+They compare the curvature statistics and the edit computed on CUDA with the same computation on CPU, in float32
+and under bf16 autocast (the precision of the multi-GPU recipe in the README). Whatever device collects them,
+:meth:`~lightning_curv.curvature.KFACAccumulator.finalize` returns the factors on CPU in the accumulation dtype.
+
+The true-Fisher targets of a row are drawn from a generator on the collecting device, and a CUDA generator draws
+another stream than a CPU one with the same seed; so CUDA and CPU are compared value for value on the empirical
+Fisher, and the true Fisher is checked for what holds on any device (``A`` does not depend on the targets, and a
+seed reproduces its draws).
 """
 
 import pytest
@@ -15,34 +21,59 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
 
-FP32_REL = 1e-4  # CUDA vs CPU float32 (TF32 off), relative Frobenius error of A and G
-BF16_REL = 0.05  # bf16 autocast on CUDA vs float32 on CPU
+FP32_REL = 1e-4  # CUDA vs CPU float32 (TF32 off), relative Frobenius error of A, G and edited weights
+BF16_REL = 0.05  # bf16 autocast on CUDA vs float32 on CPU, relative Frobenius error
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(torch.linalg.norm(a.double().cpu() - b.double().cpu()) / torch.linalg.norm(b.double().cpu()))
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    return float(torch.linalg.norm(a - b) / torch.linalg.norm(b))
+
+
+def _cuda(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.cuda() for k, v in batch.items()}
 
 
 @pytest.fixture(autouse=True)
 def _no_tf32():
-    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")  # no TF32 in CUDA matmuls
     yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+    torch.set_float32_matmul_precision(old)
+
+
+def _assert_on_cpu_float32(factors) -> None:
+    for name, f in factors.items():
+        for label, mat in (("A", f.A), ("G", f.G)):
+            assert mat.device.type == "cpu", f"{name}.{label}: finalize returns the factors on CPU"
+            assert mat.dtype == torch.float32, f"{name}.{label}: accumulation dtype"
 
 
 def test_cuda_factors_equal_cpu_factors():
     model = tiny_llama()
     batches = [lm_batch(batch_size=4, seed=s) for s in range(2)]
-    ref = collect_factors(model, batches, LLAMA_MLP, fisher="true", seed=3)
-    gpu = collect_factors(
-        model.cuda(), [{k: v.cuda() for k, v in b.items()} for b in batches], LLAMA_MLP, fisher="true", seed=3
-    )
+    ref = collect_factors(model, batches, LLAMA_MLP, fisher="empirical")
+    gpu = collect_factors(model.cuda(), [_cuda(b) for b in batches], LLAMA_MLP, fisher="empirical")
+    assert set(gpu) == set(ref)
+    _assert_on_cpu_float32(gpu)
     for name, f in ref.items():
         assert gpu[name].num_samples == f.num_samples
-        assert gpu[name].A.device.type == "cuda"
-        assert _rel(gpu[name].A, f.A) < FP32_REL
-        assert _rel(gpu[name].G, f.G) < FP32_REL
+        assert _rel(gpu[name].A, f.A) < FP32_REL, name
+        assert _rel(gpu[name].G, f.G) < FP32_REL, name
+
+
+def test_true_fisher_on_cuda_is_seeded_and_keeps_cpu_activations():
+    model = tiny_llama()
+    batches = [lm_batch(batch_size=4, seed=s) for s in range(2)]
+    ref = collect_factors(model, batches, LLAMA_MLP, fisher="true", seed=3)
+    model.cuda()
+    first = collect_factors(model, [_cuda(b) for b in batches], LLAMA_MLP, fisher="true", seed=3)
+    again = collect_factors(model, [_cuda(b) for b in batches], LLAMA_MLP, fisher="true", seed=3)
+    _assert_on_cpu_float32(first)
+    for name, f in ref.items():
+        assert first[name].num_samples == f.num_samples
+        assert _rel(first[name].A, f.A) < FP32_REL, name  # A does not depend on the sampled targets
+        assert torch.equal(first[name].G, again[name].G), f"{name}: the seed reproduces the CUDA draws"
 
 
 def test_bf16_autocast_on_cuda_stays_close_and_float32():
@@ -51,11 +82,11 @@ def test_bf16_autocast_on_cuda_stays_close_and_float32():
     ref = collect_factors(model, [batch], LLAMA_MLP, fisher="empirical")
     model.cuda()
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        got = collect_factors(model, [{k: v.cuda() for k, v in batch.items()}], LLAMA_MLP, fisher="empirical")
+        got = collect_factors(model, [_cuda(batch)], LLAMA_MLP, fisher="empirical")
+    _assert_on_cpu_float32(got)
     for name, f in ref.items():
-        assert got[name].A.dtype == torch.float32 and got[name].G.dtype == torch.float32
-        assert _rel(got[name].A, f.A) < BF16_REL
-        assert _rel(got[name].G, f.G) < BF16_REL
+        assert _rel(got[name].A, f.A) < BF16_REL, name
+        assert _rel(got[name].G, f.G) < BF16_REL, name
 
 
 def test_edit_on_cuda_matches_cpu_and_undoes_exactly():
@@ -67,7 +98,11 @@ def test_edit_on_cuda_matches_cpu_and_undoes_exactly():
     model.cuda()
     original = {k: v.clone() for k, v in model.state_dict().items()}
     with apply_edit(cpu_model, eigens, 0.8), apply_edit(model, eigens, 0.8):
-        for (name, p_cpu), p_gpu in zip(cpu_model.named_parameters(), model.parameters(), strict=True):
-            assert _rel(p_gpu, p_cpu) < FP32_REL or float(torch.linalg.norm(p_cpu)) == 0.0, name
+        cpu_params = dict(cpu_model.named_parameters())
+        for name, p_gpu in model.named_parameters():
+            assert p_gpu.device.type == "cuda", name
+            assert _rel(p_gpu, cpu_params[name]) < FP32_REL, name
+            edited = name.removesuffix(".weight") in eigens
+            assert torch.equal(p_gpu, original[name]) != edited, f"{name}: edited iff it has eigenbases"
     for k, v in model.state_dict().items():
         assert torch.equal(v, original[k]), k

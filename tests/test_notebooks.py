@@ -85,6 +85,7 @@ def test_notebook_is_saved_without_outputs(path: Path) -> None:
     )
 
 
+@pytest.mark.slow  # a Jupyter kernel per notebook, each training and editing tiny models end to end
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs_at_tiny_size(path: Path, kernel_env: Path) -> None:
     nb = nbformat.read(path, as_version=4)

@@ -2,12 +2,12 @@
 
 Samples are the positions the curvature pass uses (:func:`lightning_curv.curvature.valid_positions` for a
 causal LM, the head's token of a ViT), chosen with the curvature core's own helpers so the analyses see
-exactly what the factors were collected on.
+exactly what the factors were collected on. Hooks, frozen parameters and eval mode come from
+:class:`lightning_curv.curvature.hooks.ModuleHooks`, the context the curvature pass uses.
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Literal
 
@@ -102,6 +102,17 @@ def batch_index(batch: Mapping[str, Tensor]) -> Tensor:
     return batch["index"].detach().long().cpu().reshape(-1)
 
 
+def iterate_batches(
+    batches: Iterable[Mapping[str, Any]], device: torch.device, max_batches: int | None = None
+) -> Iterator[tuple[dict[str, Any], Tensor]]:
+    """The first ``max_batches`` batches (all when None), moved to ``device``, each with its :func:`batch_index`."""
+    for i, batch in enumerate(batches):
+        if max_batches is not None and i >= max_batches:
+            return
+        batch = to_device(batch, device)
+        yield batch, batch_index(batch)
+
+
 def reduce_by_index(index: Tensor, *values: Tensor) -> tuple[Tensor, ...]:
     """Sum rows with equal ``index`` (a dataset row seen twice counts its samples twice).
 
@@ -122,55 +133,7 @@ def compute_dtype(eigen: KFACEigen) -> torch.dtype:
     return torch.promote_types(eigen.eigenvectors_A.dtype, torch.float32)
 
 
-class OneCallCheck:
-    """Raises when a tracked module runs twice in one forward (its statistics would be ambiguous)."""
-
-    def __init__(self, names: Iterable[str]) -> None:
-        self.names = list(names)
-        self.calls = dict.fromkeys(self.names, 0)
-
-    def reset(self) -> None:
-        self.calls = dict.fromkeys(self.names, 0)
-
-    def __call__(self, name: str) -> None:
-        self.calls[name] += 1
-        if self.calls[name] > 1:
-            raise RuntimeError(
-                f"Module {name!r} ran {self.calls[name]} times in one forward pass (shared weights or "
-                "recomputation); per-example analysis needs one call per forward, as K-FAC collection does."
-            )
-
-
-def module_map(model: nn.Module, names: Iterable[str]) -> dict[str, nn.Module]:
-    """The modules of ``model`` with the given names.
-
-    Raises:
-        ValueError: If a name is not a module of ``model`` (factors of another model, or the wrong root: the
-            names are relative to the backbone, e.g. ``LitCausalLM.model``).
-    """
-    modules = dict(model.named_modules())
-    missing = [n for n in names if n not in modules]
-    if missing:
-        raise ValueError(
-            f"Modules {missing} of the eigenbases are not in the model. Pass the backbone the factors were "
-            "collected on (e.g. lit_module.model, not the LightningModule)."
-        )
-    return {n: modules[n] for n in names}
-
-
 def model_device(model: nn.Module) -> torch.device:
     """The device of the first parameter (CPU for a model without parameters)."""
     param = next(model.parameters(), None)
     return param.device if param is not None else torch.device("cpu")
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Put every submodule in eval mode (no dropout) and restore each one's own flag afterwards."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, flag in flags:
-            module.training = flag

@@ -31,21 +31,18 @@ from torch import Tensor, nn
 
 from lightning_curv.analysis._plot import MAX_LEGEND_ENTRIES, new_figure, save_png
 from lightning_curv.analysis._runner import (
-    OneCallCheck,
     Task,
-    batch_index,
     check_task,
     compute_dtype,
-    eval_mode,
     forward_batch,
+    iterate_batches,
     model_device,
-    module_map,
     reduce_by_index,
     sample_rows,
     sample_selection,
-    to_device,
 )
 from lightning_curv.curvature.eigen import KFACEigen
+from lightning_curv.curvature.hooks import ModuleHooks
 from lightning_curv.curvature.kfac import select_positions
 
 #: Upper edges of the rank bands except the last, as fractions of the dimension: top 10 %, 10-25 %, 25-50 %,
@@ -185,54 +182,38 @@ def activation_bands(
     check_task(task)
     edges = _check_edges(edges)
     names = band_names(edges)
-    modules = module_map(model, eigens)
-    bounds = {n: band_bounds(eigens[n].shape[1], edges) for n in modules}
+    bounds = {n: band_bounds(eigens[n].shape[1], edges) for n in eigens}
     bases: dict[str, Tensor] = {}
-    stored: dict[str, list[tuple[Tensor, Tensor, Tensor, Tensor]]] = {n: [] for n in modules}
+    stored: dict[str, list[tuple[Tensor, Tensor, Tensor, Tensor]]] = {n: [] for n in eigens}
     state: dict[str, Any] = {}
-    once = OneCallCheck(modules)
 
-    def make_hook(name: str):  # noqa: ANN202 - hook factory
-        def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-            once(name)
-            x = inputs[0].detach()
-            eigen = eigens[name]
-            dtype = compute_dtype(eigen)
-            if name not in bases:
-                bases[name] = eigen.eigenvectors_A.to(x.device, dtype)
-            selection, num_rows = state["selection"], x.shape[0]
-            with torch.autocast(device_type=x.device.type, enabled=False):
-                a = select_positions(x, selection).to(dtype)  # [n, d_in]
-                rows = sample_rows(x, selection)  # [n]
-                energy = band_energy(a, bases[name], bounds[name])  # [n, num_bands]
-            total = energy.sum(dim=1)
-            ok = total > 0
-            fraction = energy[ok] / total[ok, None]
-            frac_sum = torch.zeros(num_rows, len(names), dtype=torch.float64, device=x.device)
-            frac_sum.index_add_(0, rows[ok], fraction.double())
-            energy_sum = torch.zeros_like(frac_sum).index_add_(0, rows, energy.double())
-            counts = torch.bincount(rows[ok], minlength=num_rows)
-            stored[name].append((state["index"], frac_sum.cpu(), energy_sum.cpu(), counts.cpu()))
+    def on_forward(name: str, inputs: Tensor, output: Tensor) -> None:
+        x = inputs.detach()
+        eigen = eigens[name]
+        dtype = compute_dtype(eigen)
+        if name not in bases:
+            bases[name] = eigen.eigenvectors_A.to(x.device, dtype)
+        selection, num_rows = state["selection"], x.shape[0]
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            a = select_positions(x, selection).to(dtype)  # [n, d_in]
+            rows = sample_rows(x, selection)  # [n]
+            energy = band_energy(a, bases[name], bounds[name])  # [n, num_bands]
+        total = energy.sum(dim=1)
+        ok = total > 0
+        fraction = energy[ok] / total[ok, None]
+        frac_sum = torch.zeros(num_rows, len(names), dtype=torch.float64, device=x.device)
+        frac_sum.index_add_(0, rows[ok], fraction.double())
+        energy_sum = torch.zeros_like(frac_sum).index_add_(0, rows, energy.double())
+        counts = torch.bincount(rows[ok], minlength=num_rows)
+        stored[name].append((state["index"], frac_sum.cpu(), energy_sum.cpu(), counts.cpu()))
 
-        return hook
-
-    handles = []
-    try:
-        for name, module in modules.items():
-            handles.append(module.register_forward_hook(make_hook(name)))
-        device = model_device(model)
-        with torch.no_grad(), eval_mode(model):
-            for i, batch in enumerate(batches):
-                if max_batches is not None and i >= max_batches:
-                    break
-                batch = to_device(batch, device)
-                state["index"] = batch_index(batch)
-                state["selection"] = sample_selection(batch, task, position)
-                once.reset()
-                forward_batch(model, batch, task, input_key)
-    finally:
-        for handle in handles:
-            handle.remove()
+    hooks = ModuleHooks(model, eigens, on_forward, freeze=False, purpose="Per-example analysis")
+    with torch.no_grad(), hooks:
+        for batch, index in iterate_batches(batches, model_device(model), max_batches):
+            state["index"] = index
+            state["selection"] = sample_selection(batch, task, position)
+            hooks.new_forward()
+            forward_batch(model, batch, task, input_key)
 
     result = {}
     for name, parts in stored.items():

@@ -25,7 +25,6 @@ Warning:
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -36,28 +35,24 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchmetrics.functional.classification import binary_auroc
 
 from lightning_curv.analysis._plot import new_figure, save_png
 from lightning_curv.analysis._runner import (
-    OneCallCheck,
     Task,
-    batch_index,
     check_task,
     compute_dtype,
-    eval_mode,
     forward_batch,
+    iterate_batches,
     model_device,
-    module_map,
     reduce_by_index,
     sample_rows,
     sample_selection,
-    to_device,
 )
 from lightning_curv.analysis.bands import BandFractions, split_labels
 from lightning_curv.curvature.constants import IGNORE_INDEX
 from lightning_curv.curvature.edit import check_rho, curvature_mask
 from lightning_curv.curvature.eigen import KFACEigen
+from lightning_curv.curvature.hooks import GradHook, ModuleHooks
 from lightning_curv.curvature.kfac import Selection, select_positions
 
 #: Upper bound on the elements of one ``[chunk, d_out, d_in]`` block of rotated per-example gradients.
@@ -227,54 +222,33 @@ def gradient_scores(
     """
     check_task(task)
     rhos = tuple(check_rho(r) for r in rhos)
-    modules = module_map(model, eigens)
+    inputs: dict[str, Tensor] = {}
+    grads: dict[str, Tensor] = {}
+
+    def on_forward(name: str, x: Tensor, output: Tensor) -> GradHook:
+        inputs[name] = x.detach()
+
+        def store_grad(grad: Tensor) -> None:
+            grads[name] = grad.detach()
+
+        return store_grad
+
+    hooks = ModuleHooks(model, eigens, on_forward, needs_grad=True, purpose="Per-example analysis")
     device = model_device(model)
     dropped = {
         name: torch.stack([~curvature_mask(eigens[name], rho)[0] for rho in rhos]).to(
             device, compute_dtype(eigens[name])
         )
-        for name in modules
+        for name in hooks.names
     }  # [R, d_out, d_in]
-    inputs: dict[str, Tensor] = {}
-    grads: dict[str, Tensor] = {}
-    once = OneCallCheck(modules)
-
-    def make_hook(name: str):  # noqa: ANN202 - hook factory
-        def store_grad(grad: Tensor) -> None:
-            grads[name] = grad.detach()
-
-        def hook(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> Tensor | None:
-            once(name)
-            inputs[name] = args[0].detach()
-            replaced = None
-            if not output.requires_grad:
-                # Parameters are frozen, so the graph must start here: make this output a leaf.
-                output = replaced = output.detach().requires_grad_(True)
-            output.register_hook(store_grad)
-            return replaced
-
-        return hook
-
     parts: list[tuple[Tensor, ...]] = []
-    module_parts: dict[str, list[tuple[Tensor, Tensor]]] = {n: [] for n in modules}
-    frozen = [(p, p.requires_grad) for p in model.parameters()]
-    handles = []
-    restore_mode = contextlib.ExitStack()
-    try:
-        restore_mode.enter_context(eval_mode(model))
-        for p, _ in frozen:
-            p.requires_grad_(False)
-        for name, module in modules.items():
-            handles.append(module.register_forward_hook(make_hook(name)))
-        for i, batch in enumerate(batches):
-            if max_batches is not None and i >= max_batches:
-                break
-            batch = to_device(batch, device)
-            index = batch_index(batch)
+    module_parts: dict[str, list[tuple[Tensor, Tensor]]] = {n: [] for n in hooks.names}
+    with hooks:
+        for batch, index in iterate_batches(batches, device, max_batches):
             selection = _gradient_selection(batch, task, position)
             inputs.clear()
             grads.clear()
-            once.reset()
+            hooks.new_forward()
             with torch.enable_grad():
                 logits = forward_batch(model, batch, task, input_key)
                 losses, loss_rows = _per_sample_loss(logits, batch, task, label_key)
@@ -285,7 +259,7 @@ def gradient_scores(
             )
             counts = torch.bincount(loss_rows.cpu(), minlength=num_rows)
             parts.append((index, loss_sum, counts))
-            for name in modules:
+            for name in hooks.names:
                 x = inputs[name]
                 grad = grads.get(name)
                 if grad is None:  # the layer's output does not reach the loss
@@ -301,12 +275,6 @@ def gradient_scores(
                     max_chunk_elements=max_chunk_elements,
                 )
                 module_parts[name].append((total.cpu(), drop.cpu()))
-    finally:
-        for handle in handles:
-            handle.remove()
-        for p, flag in frozen:
-            p.requires_grad_(flag)
-        restore_mode.close()
 
     if not parts:
         raise ValueError("No batches were given: the loader is empty.")
@@ -388,20 +356,11 @@ def memorization_scores(
 
 
 # ---------------------------------------------------------------------------- separation
-def _order_preserving_unit(scores: Tensor) -> Tensor:
-    """Map scores to [0, 1] keeping order and ties (dense ranks), so torchmetrics applies no sigmoid."""
-    unique, inverse = torch.unique(scores, sorted=True, return_inverse=True)
-    if unique.numel() == 1:
-        return torch.zeros_like(scores, dtype=torch.float64)
-    return inverse.double() / (unique.numel() - 1)
-
-
 def score_auroc(scores: Tensor, labels: Tensor) -> float:
     """AUROC of ``scores`` for separating memorized (positive) from non-memorized examples.
 
-    Computed with ``torchmetrics.functional.classification.binary_auroc`` (exact, no thresholds). Scores are
-    first mapped to [0, 1] by their rank, which leaves the AUROC unchanged and stops torchmetrics from
-    treating values outside [0, 1] as logits (its sigmoid would merge large scores into ties).
+    Computed with ``sklearn.metrics.roc_auc_score`` (exact, on the raw scores: unlike torchmetrics it applies
+    no sigmoid to values outside [0, 1], which would merge large scores into ties).
 
     Args:
         scores: One score per example, shape ``[N]``; higher predicts "memorized".
@@ -424,7 +383,9 @@ def score_auroc(scores: Tensor, labels: Tensor) -> float:
     values = scores[used].double()
     if bool(values.isnan().any()):
         raise ValueError("Scores contain NaN (e.g. an example with an exactly zero gradient).")
-    return float(binary_auroc(_order_preserving_unit(values), memorized[used].long(), thresholds=None))
+    from sklearn.metrics import roc_auc_score  # here: importing sklearn.metrics takes seconds, only this needs it
+
+    return float(roc_auc_score(memorized[used].numpy(), values.numpy()))
 
 
 def score_aurocs(scores: Mapping[str, Tensor], labels: Tensor) -> dict[str, float]:

@@ -9,7 +9,8 @@ Post-hoc edits share the call shape of :func:`lightning_curv.curvature.apply_edi
 * :func:`balanced_subnet`: BalancedSubnet (Sakarvadia et al., ICLR 2025), a learned weight mask; unlike the
   others it needs the memorized set.
 
-Training-time method (its own call shape): :class:`ExampleTiedDropout` (Maini et al., ICML 2023).
+Training-time method (its own call shape): :class:`ExampleTiedDropout` (Maini et al., ICML 2023), wired into a
+LightningModule from outside by :func:`add_example_tied_dropout` (on a fresh :func:`untrained_copy`).
 """
 
 from lightning_curv.baselines.balanced_subnet import balanced_subnet, lm_loss, num_masked, score_mask
@@ -17,7 +18,10 @@ from lightning_curv.baselines.example_tied_dropout import (
     DROPOUT_MODES,
     DropoutMode,
     ExampleTiedDropout,
+    ExampleTiedDropoutTraining,
+    add_example_tied_dropout,
     resolve_hidden_layers,
+    untrained_copy,
 )
 from lightning_curv.baselines.random_pairs import (
     MATCH_MODES,
@@ -40,8 +44,10 @@ __all__ = [
     "MATCH_MODES",
     "DropoutMode",
     "ExampleTiedDropout",
+    "ExampleTiedDropoutTraining",
     "MatchMode",
     "SVDFactors",
+    "add_example_tied_dropout",
     "apply_random_pair_edit",
     "apply_svd_edit",
     "balanced_subnet",
@@ -55,4 +61,5 @@ __all__ = [
     "svd_factors",
     "svd_rank",
     "svd_truncate_weight",
+    "untrained_copy",
 ]

@@ -34,15 +34,16 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from lightning_curv.baselines._common import replace_weight
 from lightning_curv.curvature import (
     EditHandle,
     EditStats,
     is_conv1d_like,
+    replace_weight,
     resolve_modules,
     valid_positions,
     weight_matrix,
 )
+from lightning_curv.curvature.hooks import ModuleHooks
 from lightning_curv.utils import name_seed
 
 #: Paper defaults (best OLMo setting of Sakarvadia et al.).
@@ -220,50 +221,42 @@ def balanced_subnet(
                 "raise ratio or mask larger matrices."
             )
 
-    was_training = {m: m.training for m in model.modules()}
-    requires_grad = {p: p.requires_grad for p in model.parameters()}
     masks: dict[str, _ScoreMask] = {}
-    try:
-        model.eval()
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for name in names:
-            module = named[name]
-            W = weight_matrix(module)
-            init = torch.empty(W.shape, device=W.device, dtype=torch.float32)  # [d_out, d_in]
-            generator = torch.Generator(device=W.device).manual_seed(name_seed(seed, name))
-            nn.init.kaiming_uniform_(init, a=math.sqrt(5), generator=generator)
-            masks[name] = _ScoreMask(nn.Parameter(init), num_masked(W.numel(), ratio), is_conv1d_like(module))
-            parametrize.register_parametrization(module, "weight", masks[name])
-        optimizer = torch.optim.SGD(
-            [m.scores for m in masks.values()], lr=lr, momentum=momentum, weight_decay=weight_decay
-        )
-        device = next(iter(masks.values())).scores.device
-        retain_batches = _cycle(retain)
-        for _ in range(epochs):
-            steps = 0
-            for mem_batch in memorized:
-                mem_loss = lm_loss(model, move_data_to_device(dict(mem_batch), device))
-                retain_loss = lm_loss(model, move_data_to_device(dict(next(retain_batches)), device))
-                loss = -(1 - alpha) * mem_loss + alpha * retain_loss
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                steps += 1
-                if history is not None:
-                    history.append(
-                        {"loss": loss.item(), "mem_loss": mem_loss.item(), "retain_loss": retain_loss.item()}
-                    )
-            if steps == 0:
-                raise ValueError("The memorized batches are empty (or a one-shot iterator already consumed).")
-    finally:
-        for name in masks:
-            if parametrize.is_parametrized(named[name], "weight"):
-                parametrize.remove_parametrizations(named[name], "weight", leave_parametrized=False)
-        for m, mode in was_training.items():
-            m.train(mode)
-        for p, flag in requires_grad.items():
-            p.requires_grad_(flag)
+    with ModuleHooks(model):  # every parameter frozen, eval mode; flags and modes restored at the end
+        try:
+            for name in names:
+                module = named[name]
+                W = weight_matrix(module)
+                init = torch.empty(W.shape, device=W.device, dtype=torch.float32)  # [d_out, d_in]
+                generator = torch.Generator(device=W.device).manual_seed(name_seed(seed, name))
+                nn.init.kaiming_uniform_(init, a=math.sqrt(5), generator=generator)
+                masks[name] = _ScoreMask(nn.Parameter(init), num_masked(W.numel(), ratio), is_conv1d_like(module))
+                parametrize.register_parametrization(module, "weight", masks[name])
+            optimizer = torch.optim.SGD(
+                [m.scores for m in masks.values()], lr=lr, momentum=momentum, weight_decay=weight_decay
+            )
+            device = next(iter(masks.values())).scores.device
+            retain_batches = _cycle(retain)
+            for _ in range(epochs):
+                steps = 0
+                for mem_batch in memorized:
+                    mem_loss = lm_loss(model, move_data_to_device(dict(mem_batch), device))
+                    retain_loss = lm_loss(model, move_data_to_device(dict(next(retain_batches)), device))
+                    loss = -(1 - alpha) * mem_loss + alpha * retain_loss
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    steps += 1
+                    if history is not None:
+                        history.append(
+                            {"loss": loss.item(), "mem_loss": mem_loss.item(), "retain_loss": retain_loss.item()}
+                        )
+                if steps == 0:
+                    raise ValueError("The memorized batches are empty (or a one-shot iterator already consumed).")
+        finally:
+            for name in masks:
+                if parametrize.is_parametrized(named[name], "weight"):
+                    parametrize.remove_parametrizations(named[name], "weight", leave_parametrized=False)
 
     if scores is not None:
         scores.update({name: m.scores.detach().clone() for name, m in masks.items()})

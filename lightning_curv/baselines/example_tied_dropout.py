@@ -36,6 +36,14 @@ Usage in a training loop::
     vit.eval()                                # "auto" mode now drops the memorization channels
     etd.remove()                              # only when the hooks are no longer wanted
 
+With a LightningModule (its backbone in ``.model``, its ``forward`` taking the batch dict), wire it from
+outside; the module needs no knowledge of it::
+
+    etd_model = untrained_copy(lit_vit)       # same architecture, fresh weights
+    add_example_tied_dropout(etd_model, p_fixed=0.8, p_mem=0.1, seed=0)
+    trainer.fit(etd_model, datamodule=dm)     # training forwards use each batch's `index`
+    trainer.validate(etd_model, datamodule=dm)  # eval mode: memorization channels dropped
+
 Warning:
     The hooks hold no parameters and are not saved with a checkpoint: install them again (same arguments)
     after loading a model trained with example-tied dropout; without them it silently runs with every channel
@@ -44,10 +52,11 @@ Warning:
 
 from __future__ import annotations
 
+import inspect
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -66,6 +75,13 @@ OUTPUT_PROJECTION = "fc2"
 
 def _count(p: float, n: int) -> int:
     return int(math.floor(p * n + 0.5))
+
+
+def _check_fractions(p_fixed: float, p_mem: float) -> None:
+    if not 0 < p_fixed <= 1:
+        raise ValueError(f"p_fixed must be in (0, 1], got {p_fixed!r}.")
+    if not 0 <= p_mem <= 1:
+        raise ValueError(f"p_mem must be in [0, 1], got {p_mem!r}.")
 
 
 def resolve_hidden_layers(model: nn.Module, patterns: str | Sequence[str]) -> list[str]:
@@ -136,10 +152,7 @@ class ExampleTiedDropout:
         rescale: bool = True,
         mode: DropoutMode = "auto",
     ) -> None:
-        if not 0 < p_fixed <= 1:
-            raise ValueError(f"p_fixed must be in (0, 1], got {p_fixed!r}.")
-        if not 0 <= p_mem <= 1:
-            raise ValueError(f"p_mem must be in [0, 1], got {p_mem!r}.")
+        _check_fractions(p_fixed, p_mem)
         self.p_fixed, self.p_mem = float(p_fixed), float(p_mem)
         self.seed, self.rescale = int(seed), bool(rescale)
         self.mode = mode
@@ -306,3 +319,111 @@ class ExampleTiedDropout:
             return (x * mask, *args[1:])
 
         return hook
+
+
+class ExampleTiedDropoutTraining:
+    """Example-tied dropout wired into a LightningModule from outside (see :func:`add_example_tied_dropout`).
+
+    Two hooks on the module: a forward pre-hook installs :class:`ExampleTiedDropout` on the backbone at the
+    first forward (the backbone is built in ``configure_model``, inside ``fit``) and, in training mode, hands it
+    the batch's ``index``; a forward hook clears the indices afterwards.
+
+    Args:
+        module: The LightningModule (or any module whose ``forward`` takes a batch dict with ``index``).
+        modules: MLP blocks or linear layers of the backbone (see :func:`resolve_hidden_layers`).
+        p_fixed: As in :class:`ExampleTiedDropout`.
+        p_mem: As in :class:`ExampleTiedDropout`.
+        seed: As in :class:`ExampleTiedDropout`.
+        backbone: Attribute of ``module`` holding the network to hook.
+
+    Attributes:
+        etd: The installed :class:`ExampleTiedDropout` (None until the backbone exists).
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        modules: str | Sequence[str],
+        p_fixed: float,
+        p_mem: float,
+        seed: int,
+        backbone: str = "model",
+    ) -> None:
+        _check_fractions(p_fixed, p_mem)
+        self.modules, self.backbone = modules, backbone
+        self.p_fixed, self.p_mem, self.seed = float(p_fixed), float(p_mem), int(seed)
+        self.etd: ExampleTiedDropout | None = None
+        self._handles = [
+            module.register_forward_pre_hook(self._before_forward),
+            module.register_forward_hook(self._after_forward),
+        ]
+        self.install(module)
+
+    def install(self, module: nn.Module) -> ExampleTiedDropout | None:
+        """Hook the backbone of ``module`` if it is built and not hooked yet; return the controller."""
+        network = getattr(module, self.backbone, None)
+        if self.etd is None and isinstance(network, nn.Module):
+            self.etd = ExampleTiedDropout.install(network, self.modules, self.p_fixed, self.p_mem, self.seed)
+        return self.etd
+
+    def _before_forward(self, module: nn.Module, args: tuple) -> None:
+        etd = self.install(module)
+        if etd is None:
+            raise RuntimeError(f"{type(module).__name__}.{self.backbone} is not built: call configure_model() first.")
+        batch = args[0] if args else None
+        if module.training and isinstance(batch, Mapping) and "index" in batch:
+            etd.set_indices(batch["index"])  # [B]
+
+    def _after_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if self.etd is not None:
+            self.etd.set_indices(None)
+
+    def remove(self) -> None:
+        """Remove the module hooks and the channel hooks (idempotent)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        if self.etd is not None:
+            self.etd.remove()
+
+
+def add_example_tied_dropout(
+    module: nn.Module,
+    p_fixed: float = 0.2,
+    p_mem: float = 0.1,
+    seed: int = 0,
+    *,
+    modules: str | Sequence[str] = "blocks.*.mlp",
+) -> ExampleTiedDropoutTraining:
+    """Make ``module`` train with example-tied dropout and evaluate with its memorization channels dropped.
+
+    Args:
+        module: A LightningModule whose backbone is ``module.model`` (built now or later in
+            ``configure_model``) and whose ``forward`` takes the batch dict (with ``index`` ``[B]`` in
+            training), e.g. a :class:`~lightning_curv.models.LitViT`.
+        p_fixed: Fraction of each layer's hidden channels that are always on, in (0, 1].
+        p_mem: Fraction of the other channels each training example activates, in [0, 1].
+        seed: Seed of the per-example channel subsets.
+        modules: MLP blocks of the backbone (default: every timm ViT block's MLP).
+
+    Returns:
+        The wiring; ``.etd`` is the :class:`ExampleTiedDropout` once the backbone exists, ``.remove()``
+        undoes everything.
+    """
+    return ExampleTiedDropoutTraining(module, modules, p_fixed, p_mem, seed)
+
+
+def untrained_copy(module: nn.Module) -> nn.Module:
+    """A fresh, untrained module of the same class and hyperparameters (no checkpoint, no pretrained weights).
+
+    Args:
+        module: A LightningModule with saved hyperparameters (e.g. a LitViT after ``configure_model``, whose
+            ``hparams`` hold the resolved architecture).
+
+    Returns:
+        ``type(module)(**hparams)`` with ``checkpoint=None`` and ``pretrained=False`` where it takes them.
+    """
+    accepted = inspect.signature(type(module).__init__).parameters
+    hparams = {k: v for k, v in getattr(module, "hparams", {}).items() if k in accepted}  # LightningCLI adds keys
+    hparams.update({k: v for k, v in (("checkpoint", None), ("pretrained", False)) if k in accepted})
+    return type(module)(**hparams)

@@ -28,8 +28,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from lightning_curv.baselines._common import replace_weight
-from lightning_curv.curvature import EditHandle, EditStats, KFACEigen, pair_curvature, weight_matrix
+from lightning_curv.curvature import EditHandle, EditStats, KFACEigen, pair_curvature, replace_weight, weight_matrix
+from lightning_curv.curvature.modules import find_modules
 from lightning_curv.utils import name_seed
 
 MatchMode = Literal["energy", "count"]
@@ -163,13 +163,12 @@ def apply_random_pair_edit(
     if match not in MATCH_MODES:
         raise ValueError(f"match must be one of {MATCH_MODES}, got {match!r}.")
     stats = _reference_stats(reference, model)
-    modules = dict(model.named_modules())
-    missing = [n for n in stats if n not in eigens or n not in modules]
-    if missing:
+    no_eigens = [n for n in stats if n not in eigens]
+    if no_eigens:
         raise ValueError(
-            f"Reference modules {missing} have no eigenbases or are not in the model: pass the eigens and "
-            "the model the curvature edit was made with."
+            f"Reference modules {no_eigens} have no eigenbases: pass the eigens the curvature edit was made with."
         )
+    modules = find_modules(model, stats, "pass the model the curvature edit was made with.")
     handle = EditHandle(model=model, originals={})
     try:
         for name, ref in stats.items():

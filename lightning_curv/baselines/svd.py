@@ -22,7 +22,6 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from lightning_curv.baselines._common import replace_weight
 from lightning_curv.curvature import (
     EditHandle,
     EditStats,
@@ -31,7 +30,7 @@ from lightning_curv.curvature import (
     resolve_rho,
     weight_matrix,
 )
-from lightning_curv.curvature.edit import Rho
+from lightning_curv.curvature.edit import Rho, replace_weight
 
 #: Thin SVD factors ``(U [d_out, r], s [r], Vh [r, d_in])`` in float64, ``r = min(d_out, d_in)``.
 SVDFactors = tuple[Tensor, Tensor, Tensor]

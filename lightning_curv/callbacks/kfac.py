@@ -8,13 +8,18 @@ accumulates sums and counts over its shard, one all-reduce merges them, and rank
 An interrupted collection resumes: every ``save_every_n_batches`` batches each rank writes its partial sums
 beside the output, tagged with a fingerprint of the configuration, model weights and data; a restart with the
 same run directory and configuration skips the batches already counted, and a partial file with any other
-fingerprint is ignored (and replaced), so runs are never mixed.
+fingerprint is ignored (and replaced), so runs are never mixed. The file format is
+:func:`~lightning_curv.curvature.save_accumulator_state`'s. Resuming goes through that file only: the
+callback's ``state_dict`` reports the output path and counts, and there is no ``load_state_dict`` because a
+predict pass writes no Lightning checkpoint to restore it from.
+
+During the pass the callback is the module's ``curvature_collector``
+(:class:`~lightning_curv.models.base.CurvatureCollector`): the module's ``predict_step`` hands each batch to
+:meth:`KFACCallback.step`, which calls back the module's ``kfac_step``.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -23,14 +28,19 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_curv.curvature import KFACAccumulator, KFACFactors, model_identity, save_factors
+from lightning_curv.curvature import (
+    KFACAccumulator,
+    KFACFactors,
+    load_accumulator_state,
+    model_identity,
+    save_accumulator_state,
+    save_factors,
+)
 from lightning_curv.curvature.constants import FISHER_TYPES
-from lightning_curv.utils import atomic_path
+from lightning_curv.utils import json_digest
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -122,20 +132,11 @@ class KFACCallback(Callback):
         self.accumulator.all_reduce()
         self.factors = self.accumulator.finalize()
         if trainer.is_global_zero:
-            meta = {
-                "fisher": self.fisher,
-                "seed": self.seed,
-                "max_tokens": self.max_tokens,
-                "mode": self.mode or "default",
-                "accumulation_dtype": self.dtype,
-                "world_size": trainer.world_size,
-                **self.metadata,
-            }
-            save_factors(self.factors, self.output_path, meta, model=pl_module.model)
+            save_factors(self.factors, self.output_path, self._file_metadata(trainer), model=pl_module.model)
             n = next(iter(self.factors.values())).num_samples
             rank_zero_info(f"K-FAC factors of {len(self.factors)} modules over {n} samples -> {self.output_path}")
-        if self._partial is not None and self._partial.exists():
-            self._partial.unlink()
+        if self._partial is not None:
+            self._partial.unlink(missing_ok=True)
         trainer.strategy.barrier("kfac_written")
 
     @override
@@ -154,10 +155,6 @@ class KFACCallback(Callback):
             "batches_done": self.batches_done,
         }
 
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.batches_done = int(state_dict.get("batches_done", 0))
-
     # ------------------------------------------------------------------ helpers
     def _release(self, pl_module: pl.LightningModule) -> None:
         if getattr(pl_module, "curvature_collector", None) is self:
@@ -169,6 +166,17 @@ class KFACCallback(Callback):
     def _resolve(trainer: pl.Trainer, path: str) -> Path:
         p = Path(path)
         return p if p.is_absolute() else Path(trainer.default_root_dir) / p
+
+    def _file_metadata(self, trainer: pl.Trainer) -> dict[str, Any]:
+        return {
+            "fisher": self.fisher,
+            "seed": self.seed,
+            "max_tokens": self.max_tokens,
+            "mode": self.mode or "default",
+            "accumulation_dtype": self.dtype,
+            "world_size": trainer.world_size,
+            **self.metadata,
+        }
 
     def _make_fingerprint(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> str:
         loaders = trainer.predict_dataloaders
@@ -186,38 +194,24 @@ class KFACCallback(Callback):
             "batch_size": getattr(loader, "batch_size", None),
             "model": model_identity(pl_module.model, self.accumulator.names),
         }
-        return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()
+        return json_digest(facts)
 
     def _save_partial(self) -> None:
-        state = self.accumulator.state_dict()
-        tensors = {f"A.{n}": t for n, t in state["A_sums"].items()}
-        tensors.update({f"G.{n}": t for n, t in state["G_sums"].items()})
-        header = {
-            "fingerprint": self._fingerprint,
-            "batches_done": str(self.batches_done),
-            "counts": json.dumps({"A": state["A_counts"], "G": state["G_counts"]}),
-        }
-        with atomic_path(self._partial) as tmp:
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=header)
+        header = {"fingerprint": self._fingerprint, "batches_done": self.batches_done}
+        save_accumulator_state(self._partial, self.accumulator.state_dict(), header)
 
     def _resume(self) -> int:
         if self._partial is None or not self._partial.exists():
             return 0
-        with safe_open(str(self._partial), framework="pt") as f:
-            header = f.metadata() or {}
-            if header.get("fingerprint") != self._fingerprint:
-                rank_zero_info(f"Ignoring {self._partial}: it belongs to a different configuration, model or data.")
-                return 0
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
-        counts = json.loads(header["counts"])
-        self.accumulator.load_state_dict(
-            {
-                "A_sums": {k[2:]: v for k, v in tensors.items() if k.startswith("A.")},
-                "G_sums": {k[2:]: v for k, v in tensors.items() if k.startswith("G.")},
-                "A_counts": counts["A"],
-                "G_counts": counts["G"],
-            }
-        )
+        try:
+            state, header = load_accumulator_state(self._partial)
+        except ValueError as err:
+            rank_zero_info(f"Ignoring {self._partial}: not a partial collection of this package ({err}).")
+            return 0
+        if header.get("fingerprint") != self._fingerprint:
+            rank_zero_info(f"Ignoring {self._partial}: it belongs to a different configuration, model or data.")
+            return 0
+        self.accumulator.load_state_dict(state)
         done = int(header["batches_done"])
         rank_zero_info(f"Resuming the curvature pass after {done} batches from {self._partial}.")
         return done

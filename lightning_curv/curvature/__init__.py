@@ -14,6 +14,7 @@ from lightning_curv.curvature.constants import (
     FisherType,
 )
 from lightning_curv.curvature.edit import (
+    CurvatureOrder,
     EditHandle,
     EditStats,
     apply_edit,
@@ -21,16 +22,20 @@ from lightning_curv.curvature.edit import (
     curvature_mask,
     pair_curvature,
     project_weight,
+    replace_weight,
     resolve_rho,
     summarize_stats,
 )
-from lightning_curv.curvature.eigen import KFACEigen, eigendecompose, symmetric_eigh
+from lightning_curv.curvature.eigen import KFACEigen, eigendecompose, eigendecompose_all, symmetric_eigh
+from lightning_curv.curvature.hooks import ModuleHooks
 from lightning_curv.curvature.io import (
     check_model,
+    load_accumulator_state,
     load_eigens,
     load_factors,
     model_identity,
     read_metadata,
+    save_accumulator_state,
     save_eigens,
     save_factors,
 )
@@ -61,6 +66,7 @@ __all__ = [
     "KFACAccumulator",
     "KFACEigen",
     "KFACFactors",
+    "ModuleHooks",
     "Selection",
     "apply_edit",
     "causal_lm_step",
@@ -68,20 +74,25 @@ __all__ = [
     "check_rho",
     "classifier_step",
     "collect_factors",
+    "CurvatureOrder",
     "curvature_mask",
     "eigendecompose",
+    "eigendecompose_all",
     "fisher_targets",
     "is_conv1d_like",
     "is_linear_like",
+    "load_accumulator_state",
     "load_eigens",
     "load_factors",
     "model_identity",
     "pair_curvature",
     "project_weight",
     "read_metadata",
+    "replace_weight",
     "resolve_modules",
     "resolve_rho",
     "summarize_stats",
+    "save_accumulator_state",
     "save_eigens",
     "save_factors",
     "select_positions",

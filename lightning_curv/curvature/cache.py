@@ -1,8 +1,9 @@
-"""Eigenbases for an edit, read from a factor file and cached beside the run.
+"""Eigenbases for an edit, read from a factor file and cached in an eigen file.
 
-Eigendecomposition is the expensive step of an edit; :func:`prepare_eigens` does it once per factor file and
-keeps the result in an eigen file tagged with the SHA-256 of the factor file it came from, so a later edit of the
-same factors (another ρ sweep, ``compare``, ``analyze``) reads it back instead.
+Eigendecomposition is the expensive step of an edit; :func:`prepare_eigens` does it once per job (split across
+the processes of a distributed job, on their accelerators: :func:`~lightning_curv.curvature.eigendecompose_all`)
+and keeps the result in an eigen file tagged with the SHA-256 of the factor file it came from, so a later edit of
+the same factors (another ρ sweep, ``compare``, ``analyze``) reads it back instead. Rank 0 alone writes it.
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
 from torch import nn
 
-from lightning_curv.curvature.eigen import KFACEigen, eigendecompose
+from lightning_curv.curvature.eigen import KFACEigen, eigendecompose_all
 from lightning_curv.curvature.io import load_eigens, load_factors, read_metadata, save_eigens
 from lightning_curv.curvature.modules import match_names, resolve_modules
 from lightning_curv.utils import file_digest
@@ -34,6 +36,7 @@ def prepare_eigens(
     *,
     modules: Sequence[str] | None = None,
     cache: str | os.PathLike | None = None,
+    device: torch.device | str | None = None,
 ) -> dict[str, KFACEigen]:
     """Load a factor file (checked against ``model``), eigendecompose it once, and select the modules to edit.
 
@@ -43,6 +46,7 @@ def prepare_eigens(
         modules: Patterns selecting which of the file's modules to edit; None keeps all of them.
         cache: Eigen file to reuse or write; default :func:`default_eigen_cache`. Reused only when it was
             computed from a factor file with the same bytes.
+        device: Where the eigendecompositions run (the accelerator of this process); None: on CPU.
 
     Returns:
         Eigenbases per module name.
@@ -56,9 +60,15 @@ def prepare_eigens(
         eigens = load_eigens(cache, model=model)
         log.info(f"Loaded cached eigenbases from {cache}")
     else:
-        eigens = {name: eigendecompose(f) for name, f in load_factors(factors, model=model).items()}
-        save_eigens(eigens, cache, {"source": str(factors), "source_sha256": digest}, model=model)
+        eigens = eigendecompose_all(load_factors(factors, model=model), device=device)
+        if _rank() == 0:
+            save_eigens(eigens, cache, {"source": str(factors), "source_sha256": digest}, model=model)
     return select_modules(model, eigens, modules)
+
+
+def _rank() -> int:
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return torch.distributed.get_rank() if distributed else 0
 
 
 def select_modules(

@@ -26,3 +26,6 @@ FORMAT_VERSION = 1
 
 #: Header metadata key of safetensors files written by this package.
 METADATA_KEY = "lightning_curv"
+
+#: ``kind`` of the file that holds the raw sums and counts of an unfinished collection (for resuming).
+ACCUMULATOR_STATE = "accumulator_state"

@@ -7,6 +7,9 @@ shapes and sample counts, dtype, the caller's arguments (fisher type, seed, ...)
 its class, a hash of its config, a hash of its parameter names and shapes, and a hash of the tracked weights, so
 factors from another checkpoint of the same architecture are caught at load time. Nothing is pickled, and every
 file is written to a temporary name and renamed into place.
+
+The raw sums and counts of an unfinished collection (to resume it) use the same layout, with ``kind``
+``"accumulator_state"`` (:func:`save_accumulator_state`, :func:`load_accumulator_state`).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from torch import Tensor, nn
 
 from lightning_curv import __version__
 from lightning_curv.curvature.constants import (
+    ACCUMULATOR_STATE,
     ACTIVATION_COVARIANCE,
     ACTIVATION_EIGENVALUES,
     ACTIVATION_EIGENVECTORS,
@@ -141,7 +145,11 @@ def check_model(metadata: Mapping[str, Any], model: nn.Module, path: str | os.Pa
 
 # ---------------------------------------------------------------------------- files
 def _header(
-    kind: str, modules: dict[str, dict[str, int]], dtype: torch.dtype, metadata: Mapping[str, Any] | None
+    kind: str,
+    modules: dict[str, dict[str, int]],
+    dtype: torch.dtype,
+    metadata: Mapping[str, Any] | None,
+    model: nn.Module | None,
 ) -> dict[str, str]:
     info = {
         "kind": kind,
@@ -152,16 +160,24 @@ def _header(
         "num_samples": max((m["num_samples"] for m in modules.values()), default=0),
         **dict(metadata or {}),
     }
+    if model is not None:
+        info["model"] = model_identity(model, list(modules))
     return {METADATA_KEY: json.dumps(info, default=json_default)}
 
 
-def _write(tensors: dict[str, Tensor], path: str | os.PathLike, header: dict[str, str]) -> None:
+def _write(
+    tensors: dict[str, Tensor], path: str | os.PathLike, header: dict[str, str], *, check_finite: bool = True
+) -> None:
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     for key, value in tensors.items():
-        if value.is_floating_point() and not torch.isfinite(value).all():
+        if check_finite and value.is_floating_point() and not torch.isfinite(value).all():
             raise ValueError(f"Refusing to write {key}: it contains NaN or Inf.")
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=header)
+
+
+#: The reader of each kind of file, for error messages.
+_LOADERS = {"factors": "load_factors", "eigen": "load_eigens", ACCUMULATOR_STATE: "load_accumulator_state"}
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
@@ -193,7 +209,7 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
 def _read(path: str | os.PathLike, kind: str, model: nn.Module | None) -> tuple[dict[str, Tensor], dict]:
     meta = read_metadata(path)
     if meta.get("kind") != kind:
-        loader = "load_eigens" if meta.get("kind") == "eigen" else "load_factors"
+        loader = _LOADERS.get(meta.get("kind"), "load_factors")
         raise ValueError(f"{path} holds {meta.get('kind')!r} data, not {kind!r}; read it with {loader}().")
     if model is not None:
         check_model(meta, model, path)
@@ -227,11 +243,8 @@ def save_factors(
         tensors[f"{name}.{ACTIVATION_COVARIANCE}"] = f.A
         tensors[f"{name}.{GRADIENT_COVARIANCE}"] = f.G
         modules[name] = {"d_in": f.A.shape[0], "d_out": f.G.shape[0], "num_samples": int(f.num_samples)}
-    meta = dict(metadata or {})
-    if model is not None:
-        meta["model"] = model_identity(model, list(factors))
     dtype = next(iter(factors.values())).A.dtype
-    _write(tensors, path, _header("factors", modules, dtype, meta))
+    _write(tensors, path, _header("factors", modules, dtype, metadata, model))
 
 
 def load_factors(path: str | os.PathLike, model: nn.Module | None = None) -> dict[str, KFACFactors]:
@@ -276,11 +289,8 @@ def save_eigens(
         tensors[f"{name}.{GRADIENT_EIGENVECTORS}"] = e.eigenvectors_G
         d_out, d_in = e.shape
         modules[name] = {"d_in": d_in, "d_out": d_out, "num_samples": int(e.num_samples)}
-    meta = dict(metadata or {})
-    if model is not None:
-        meta["model"] = model_identity(model, list(eigens))
     dtype = next(iter(eigens.values())).eigenvectors_A.dtype
-    _write(tensors, path, _header("eigen", modules, dtype, meta))
+    _write(tensors, path, _header("eigen", modules, dtype, metadata, model))
 
 
 def load_eigens(path: str | os.PathLike, model: nn.Module | None = None) -> dict[str, KFACEigen]:
@@ -296,3 +306,57 @@ def load_eigens(path: str | os.PathLike, model: nn.Module | None = None) -> dict
         )
         for name, info in meta["modules"].items()
     }
+
+
+def save_accumulator_state(
+    path: str | os.PathLike, state: Mapping[str, Any], header: Mapping[str, Any] | None = None
+) -> None:
+    """Write the raw sums and counts of an unfinished collection to one safetensors file, atomically.
+
+    Tensors are keyed ``<module>.activation_covariance`` / ``<module>.gradient_covariance`` as in a factor file,
+    but hold unnormalized upper-triangle sums (see :meth:`KFACAccumulator.state_dict`); the counts and
+    ``header`` go into the header metadata.
+
+    Args:
+        path: Destination (``.safetensors``).
+        state: :meth:`KFACAccumulator.state_dict`: ``A_sums``/``G_sums`` (``[d, d]`` per module) and
+            ``A_counts``/``G_counts``.
+        header: JSON-serializable facts to keep with the sums (a fingerprint of the run, batches done, ...).
+    """
+    tensors = {f"{n}.{ACTIVATION_COVARIANCE}": t for n, t in state["A_sums"].items()}
+    tensors.update({f"{n}.{GRADIENT_COVARIANCE}": t for n, t in state["G_sums"].items()})
+    info = {
+        **dict(header or {}),
+        "kind": ACCUMULATOR_STATE,
+        "format_version": FORMAT_VERSION,
+        "package_version": __version__,
+        "A_counts": dict(state["A_counts"]),
+        "G_counts": dict(state["G_counts"]),
+    }
+    # Partial sums are written as they are; NaN/Inf is reported by KFACAccumulator.finalize with its cause.
+    _write(tensors, path, {METADATA_KEY: json.dumps(info, default=json_default)}, check_finite=False)
+
+
+def load_accumulator_state(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Read a file written by :func:`save_accumulator_state`.
+
+    Returns:
+        ``(state, header)``: the state for :meth:`KFACAccumulator.load_state_dict`, and the header metadata
+        (the caller's ``header`` plus ``kind``, ``format_version``, ``package_version``).
+
+    Raises:
+        FileNotFoundError: If the file does not exist.
+        ValueError: If it is not an accumulator state written by this package.
+    """
+    tensors, meta = _read(path, ACCUMULATOR_STATE, None)
+
+    def sums(key: str) -> dict[str, Tensor]:
+        return {k.removesuffix(f".{key}"): v for k, v in tensors.items() if k.endswith(f".{key}")}
+
+    state = {
+        "A_sums": sums(ACTIVATION_COVARIANCE),
+        "G_sums": sums(GRADIENT_COVARIANCE),
+        "A_counts": meta.pop("A_counts"),
+        "G_counts": meta.pop("G_counts"),
+    }
+    return state, meta

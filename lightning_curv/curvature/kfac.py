@@ -15,7 +15,8 @@ Conventions:
     * Sums are float32 (or float64) whatever the autocast dtype; products run with autocast disabled and
       exploit symmetry (only the upper block triangle is computed).
     * No parameter gradient is computed: parameters are frozen during the pass and the backward pass starts
-      its graph at the outputs of the tracked layers, so it ends at the lowest one.
+      its graph at the outputs of the tracked layers, so it ends at the lowest one (both done by
+      :class:`~lightning_curv.curvature.hooks.ModuleHooks`).
 
 Warning:
     A tracked module that runs more than once per forward (weight sharing, activation checkpointing that
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_curv.curvature.constants import FISHER_TYPES, IGNORE_INDEX, FisherType
+from lightning_curv.curvature.hooks import Attachable, GradHook, ModuleHooks
 from lightning_curv.curvature.modules import layer_dims, resolve_modules
 from lightning_curv.utils import row_seed
 
@@ -108,7 +110,7 @@ def symmetrize_upper(acc: Tensor) -> Tensor:
     return torch.triu(acc) + torch.triu(acc, diagonal=1).T
 
 
-class KFACAccumulator:
+class KFACAccumulator(Attachable):
     """Forward and tensor hooks that accumulate K-FAC sums for a set of linear layers.
 
     Any loop can drive it: call :meth:`select` before each forward to say which positions count, run the forward
@@ -130,6 +132,7 @@ class KFACAccumulator:
         modules: Module names, fnmatch globs or ``re:`` regexes (see :func:`resolve_modules`).
         dtype: Accumulation dtype, float32 or float64.
         block_size: Block edge of the symmetric accumulation.
+        eval_mode: Put the model in eval mode while attached (every submodule's flag is restored on detach).
     """
 
     def __init__(
@@ -139,6 +142,7 @@ class KFACAccumulator:
         *,
         dtype: torch.dtype = torch.float32,
         block_size: int = DEFAULT_BLOCK_SIZE,
+        eval_mode: bool = False,
     ) -> None:
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(f"Accumulation dtype must be torch.float32 or torch.float64, got {dtype}.")
@@ -146,49 +150,26 @@ class KFACAccumulator:
         self.names = resolve_modules(model, modules)
         self.dtype = dtype
         self.block_size = block_size
-        named = dict(model.named_modules())
-        self.modules = {name: named[name] for name in self.names}
+        self._hooks = ModuleHooks(
+            model, self.names, self._on_forward, eval_mode=eval_mode, needs_grad=True, purpose="K-FAC collection"
+        )
+        self.modules = self._hooks.modules
         self.dims = {name: layer_dims(m) for name, m in self.modules.items()}
         self._A_sums: dict[str, Tensor] = {}
         self._G_sums: dict[str, Tensor] = {}
         self.A_counts = dict.fromkeys(self.names, 0)
         self.G_counts = dict.fromkeys(self.names, 0)
-        self._handles: list[Any] = []
-        self._frozen: list[tuple[nn.Parameter, bool]] = []
         self._selection: Selection = None
-        self._calls = dict.fromkeys(self.names, 0)
         self._input_cache: dict[int, tuple[Tensor, Tensor, int]] = {}
 
     # ------------------------------------------------------------------ lifecycle
-    def __enter__(self) -> KFACAccumulator:
-        self.attach()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.detach()
-
     def attach(self) -> None:
-        """Freeze all parameters and register the forward hooks (idempotent)."""
-        if self._handles:
-            return
-        try:
-            for p in self.model.parameters():
-                self._frozen.append((p, p.requires_grad))
-                p.requires_grad_(False)
-            for name, module in self.modules.items():
-                self._handles.append(module.register_forward_hook(self._make_forward_hook(name)))
-        except Exception:
-            self.detach()
-            raise
+        """Freeze all parameters (and set eval mode if asked) and register the forward hooks (idempotent)."""
+        self._hooks.attach()
 
     def detach(self) -> None:
-        """Remove every hook and restore ``requires_grad`` of the parameters."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        for p, flag in self._frozen:
-            p.requires_grad_(flag)
-        self._frozen.clear()
+        """Remove every hook and restore ``requires_grad`` of the parameters (and the modes, if changed)."""
+        self._hooks.detach()
         self._input_cache.clear()
 
     # ------------------------------------------------------------------ per batch
@@ -200,7 +181,7 @@ class KFACAccumulator:
                 a causal LM), an integer position along dim 1 (CLS-only mode) or None (every position).
         """
         self._selection = selection
-        self._calls = dict.fromkeys(self.names, 0)
+        self._hooks.new_forward()
         self._input_cache.clear()
 
     def _sum(self, store: dict[str, Tensor], name: str, dim: int, device: torch.device) -> Tensor:
@@ -209,33 +190,11 @@ class KFACAccumulator:
             acc = store[name] = torch.zeros(dim, dim, dtype=self.dtype, device=device)
         return acc
 
-    def _make_forward_hook(self, name: str):  # noqa: ANN202 - hook factory
-        def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor | None:
-            self._calls[name] += 1
-            if self._calls[name] > 1:
-                raise RuntimeError(
-                    f"Module {name!r} ran {self._calls[name]} times in one forward pass (shared weights or "
-                    "recomputation). K-FAC needs one call per forward: track modules that are called once, and "
-                    "turn off gradient checkpointing for the collection pass."
-                )
-            if not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
-                raise RuntimeError(
-                    "K-FAC collection needs autograd, but the forward ran under no_grad/inference_mode. Run it "
-                    "under torch.enable_grad() (Lightning: Trainer(inference_mode=False), never in "
-                    "validation_step)."
-                )
-            selection = self._selection
-            self._accumulate_A(name, inputs[0], selection)
-            if not output.requires_grad:
-                # Parameters are frozen, so the graph must start here: make this output a leaf.
-                output = output.detach().requires_grad_(True)
-                replaced = output
-            else:
-                replaced = None
-            output.register_hook(lambda grad: self._accumulate_G(name, grad, selection))
-            return replaced
-
-        return hook
+    def _on_forward(self, name: str, x: Tensor, output: Tensor) -> GradHook:
+        """Add the layer input's ``aᵀa`` now; return the hook that adds ``gᵀg`` of its output gradient."""
+        selection = self._selection
+        self._accumulate_A(name, x, selection)
+        return lambda grad: self._accumulate_G(name, grad, selection)
 
     @torch.no_grad()
     def _accumulate_A(self, name: str, x: Tensor, selection: Selection) -> None:
@@ -571,9 +530,10 @@ def collect_factors(
     """K-FAC factors of linear layers of a Hugging Face causal LM over a pass of ``batches``.
 
     Every valid token position is a sample (see :func:`valid_positions`); ``g`` is the gradient of the row's
-    summed next-token cross-entropy. The model is put in eval mode for the pass, no parameter gradient is
-    computed, and all hooks are removed at the end. Under ``torch.distributed`` sums and counts are all-reduced,
-    so every rank returns the factors of the union of the shards.
+    summed next-token cross-entropy. The model is put in eval mode for the pass (every submodule's own flag is
+    restored at the end), no parameter gradient is computed, and all hooks are removed at the end. Under
+    ``torch.distributed`` sums and counts are all-reduced, so every rank returns the factors of the union of the
+    shards.
 
     Args:
         model: A causal LM called as ``model(input_ids=..., attention_mask=...)`` returning ``.logits``.
@@ -589,20 +549,14 @@ def collect_factors(
         Factors keyed by module name.
     """
     _check_fisher(fisher)
-    generator = None
-    was_training = model.training
-    model.eval()
-    try:
-        with KFACAccumulator(model, modules, dtype=dtype, block_size=block_size) as acc:
-            device = next(model.parameters()).device
-            generator = torch.Generator(device=device).manual_seed(seed)
-            for batch in batches:
-                remaining = None if max_tokens is None else max_tokens - acc.num_samples
-                if remaining is not None and remaining <= 0:
-                    break
-                batch = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in batch.items()}
-                causal_lm_step(model, batch, acc, fisher=fisher, seed=seed, generator=generator, max_samples=remaining)
-            acc.all_reduce()
-            return acc.finalize()
-    finally:
-        model.train(was_training)
+    with KFACAccumulator(model, modules, dtype=dtype, block_size=block_size, eval_mode=True) as acc:
+        device = next(model.parameters()).device
+        generator = torch.Generator(device=device).manual_seed(seed)
+        for batch in batches:
+            remaining = None if max_tokens is None else max_tokens - acc.num_samples
+            if remaining is not None and remaining <= 0:
+                break
+            batch = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in batch.items()}
+            causal_lm_step(model, batch, acc, fisher=fisher, seed=seed, generator=generator, max_samples=remaining)
+        acc.all_reduce()
+        return acc.finalize()

@@ -77,6 +77,28 @@ def layer_dims(module: nn.Module) -> tuple[int, int]:
     return d_in, d_out
 
 
+def find_modules(model: nn.Module, names: Iterable[str], hint: str) -> dict[str, nn.Module]:
+    """The submodules of ``model`` with the given exact names (from ``named_modules()``), in that order.
+
+    Args:
+        model: The model.
+        names: Exact module names.
+        hint: The end of the error message: why the names may not fit and what to do.
+
+    Returns:
+        Module per name.
+
+    Raises:
+        ValueError: If a name is not a module of ``model``; the message lists the missing ones and ``hint``.
+    """
+    names = list(names)
+    named = dict(model.named_modules())
+    missing = [n for n in names if n not in named]
+    if missing:
+        raise ValueError(f"Modules {missing} are not in the model: {hint}")
+    return {n: named[n] for n in names}
+
+
 def _matches(pattern: str, name: str) -> bool:
     if pattern.startswith(REGEX_PREFIX):
         return re.fullmatch(pattern[len(REGEX_PREFIX) :], name) is not None

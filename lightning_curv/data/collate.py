@@ -7,14 +7,15 @@ to the last column of every row) and right-padded targets filled with ``-100``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from functools import partial
 from typing import Any, Literal
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from lightning_curv.curvature.constants import IGNORE_INDEX
 
@@ -202,6 +203,31 @@ def generation_to_lm_rows(dataset: Dataset) -> RowDataset:
     return RowDataset(rows)
 
 
+class UnpaddedDistributedSampler(DistributedSampler):
+    """Every row exactly once over the processes: rank ``r`` of ``R`` takes rows ``r, r + R, ...``.
+
+    ``DistributedSampler`` pads each rank's share to equal length with repeated rows, which biases evaluation
+    metrics (a 500-row set becomes 504). Evaluation needs no equal shares: torchmetrics sums states over ranks
+    at ``compute``. (Lightning has the same sampler for its predict loop, but only as a private class.)
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        super().__init__(dataset, shuffle=False, drop_last=False)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, len(self.dataset), self.num_replicas))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, len(self.dataset), self.num_replicas))
+
+
+def eval_sampler(dataset: Dataset) -> Sampler | None:
+    """An :class:`UnpaddedDistributedSampler` in a multi-process job (Lightning keeps it), else None."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return UnpaddedDistributedSampler(dataset)
+    return None
+
+
 def build_loader(
     dataset: Dataset,
     kind: Literal["lm", "generation"],
@@ -210,6 +236,7 @@ def build_loader(
     shuffle: bool = False,
     seed: int = 0,
     num_workers: int = 0,
+    shard: bool = False,
 ) -> DataLoader:
     """Build a DataLoader over rows with the collate function of the batch ``kind``.
 
@@ -221,6 +248,8 @@ def build_loader(
         shuffle: Shuffle every epoch (with a generator seeded from ``seed``, so runs are reproducible).
         seed: Seed of the shuffle.
         num_workers: Worker processes (the collate functions are picklable).
+        shard: An evaluation loader: in a multi-process job each process reads its rows once, unpadded
+            (:func:`eval_sampler`).
 
     Returns:
         The DataLoader.
@@ -235,6 +264,7 @@ def build_loader(
         dataset,
         batch_size=batch_size,
         shuffle=shuffle,
+        sampler=eval_sampler(dataset) if shard and not shuffle else None,
         generator=torch.Generator().manual_seed(seed) if shuffle else None,
         collate_fn=partial(collate, pad_token_id=pad_token_id),
         num_workers=num_workers,

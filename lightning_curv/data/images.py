@@ -17,7 +17,7 @@ Sources:
 
 Every image is converted to ``in_chans`` channels (1: grayscale, 3: RGB), resized to
 ``image_size x image_size`` (aspect ratio not kept; bilinear), scaled to [0, 1], optionally augmented
-(training loader only) and normalized per channel.
+(training loader only) and normalized per channel, both by ``torchvision.transforms.v2`` (:func:`image_transform`).
 
 Index conventions: the training set is the list of source examples left after the validation split and
 ``limit_train``; its positions ``0..n_train-1`` are the ``index`` of every batch built from it (training,
@@ -38,6 +38,7 @@ Warning:
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -48,6 +49,7 @@ from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
 from lightning_curv.data.base import EvalSet
+from lightning_curv.data.collate import eval_sampler
 from lightning_curv.utils import stream_seed
 
 __all__ = ["DIGITS_IMAGE_SIZE", "DIGITS_NUM_CLASSES", "SOURCES", "NoisyLabelImageDataModule", "flip_labels"]
@@ -241,26 +243,34 @@ class _FolderSource(_PILSource):
 # ----------------------------------------------------------------------------------------------------------
 
 
-class _RandomCropFlip:
-    """Mild augmentation on ``[C, H, W]`` images in [0, 1]: zero-padded random crop, optional horizontal flip.
+def image_transform(
+    mean: Tensor | None, std: Tensor | None, size: int = 0, crop_padding: int = 0, hflip: bool = False
+) -> Callable[[Tensor], Tensor] | None:
+    """The per-image ``torchvision.transforms.v2`` pipeline: optional augmentation, then normalization.
 
-    Uses the global torch generator, which Lightning seeds per worker.
+    Args:
+        mean: Per-channel means, any shape with ``C`` elements, or None (no normalization).
+        std: Per-channel stds, like ``mean``.
+        size: Image side, kept by the random crop.
+        crop_padding: Zero padding of a random crop back to the input size (0: no crop). The random draws use
+            the global torch generator, which Lightning seeds per worker.
+        hflip: Random horizontal flips (with a crop only).
+
+    Returns:
+        A transform of ``[C, H, W]`` float images, or None when it would do nothing.
     """
+    from torchvision.transforms import v2
 
-    def __init__(self, padding: int, hflip: bool) -> None:
-        self.padding = padding
-        self.hflip = hflip
-
-    def __call__(self, img: Tensor) -> Tensor:
-        p = self.padding
-        if p > 0:
-            height, width = img.shape[-2:]
-            padded = F.pad(img, (p, p, p, p))  # [C, H+2p, W+2p]
-            top, left = torch.randint(0, 2 * p + 1, (2,)).tolist()
-            img = padded[:, top : top + height, left : left + width]
-        if self.hflip and torch.rand(()) < 0.5:
-            img = img.flip(-1)
-        return img
+    steps: list[Callable[[Tensor], Tensor]] = []
+    if crop_padding > 0:
+        steps.append(v2.RandomCrop(size, padding=crop_padding))
+        if hflip:
+            steps.append(v2.RandomHorizontalFlip())
+    if mean is not None:
+        steps.append(v2.Normalize(mean.flatten().tolist(), std.flatten().tolist()))
+    if not steps:
+        return None
+    return steps[0] if len(steps) == 1 else v2.Compose(steps)
 
 
 class _LabeledImages(Dataset):
@@ -273,28 +283,22 @@ class _LabeledImages(Dataset):
         labels: Tensor,
         true_labels: Tensor,
         index: Tensor,
-        mean: Tensor | None,
-        std: Tensor | None,
-        augment: _RandomCropFlip | None = None,
+        transform: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         self.source = source
         self.source_indices = source_indices
         self.labels = labels
         self.true_labels = true_labels
         self.index = index
-        self.mean = mean  # [C, 1, 1] or None
-        self.std = std
-        self.augment = augment
+        self.transform = transform
 
     def __len__(self) -> int:
         return self.source_indices.numel()
 
     def __getitem__(self, i: int) -> dict[str, Tensor]:
         img = self.source.load(int(self.source_indices[i]))
-        if self.augment is not None:
-            img = self.augment(img)
-        if self.mean is not None:
-            img = (img - self.mean) / self.std
+        if self.transform is not None:
+            img = self.transform(img)
         return {
             "pixel_values": img,
             "labels": self.labels[i],
@@ -600,15 +604,17 @@ class NoisyLabelImageDataModule(pl.LightningDataModule):
         self._norm = self._normalization(train_src, pool) if self.normalize else None
         mean, std = self._norm if self._norm is not None else (None, None)
         positions = torch.arange(pool.numel())
+        plain = image_transform(mean, std)
 
         def subset(rows: Tensor) -> _LabeledImages:
             """Training rows (positions in the training set) without augmentation."""
-            return _LabeledImages(train_src, pool[rows], noisy_labels[rows], true_labels[rows], rows, mean, std)
+            return _LabeledImages(train_src, pool[rows], noisy_labels[rows], true_labels[rows], rows, plain)
 
-        augment = _RandomCropFlip(max(1, size // 8), self.hflip) if self.augment else None
-        self._train = _LabeledImages(train_src, pool, noisy_labels, true_labels, positions, mean, std, augment)
+        padding = max(1, size // 8) if self.augment else 0
+        train_transform = image_transform(mean, std, size, padding, self.hflip)
+        self._train = _LabeledImages(train_src, pool, noisy_labels, true_labels, positions, train_transform)
         self._collect = subset(positions)
-        val = _LabeledImages(val_src, val_rows, val_labels, val_labels, torch.arange(val_rows.numel()), mean, std)
+        val = _LabeledImages(val_src, val_rows, val_labels, val_labels, torch.arange(val_rows.numel()), plain)
         self._eval = [
             val,
             subset(self._clean_indices),
@@ -635,7 +641,7 @@ class NoisyLabelImageDataModule(pl.LightningDataModule):
     def val_dataloader(self) -> list[DataLoader]:
         """One loader per entry of :attr:`eval_sets`, in order; no shuffling, no augmentation."""
         self._require_setup()
-        return [self._loader(ds, self.eval_batch_size, shuffle=False) for ds in self._eval]
+        return [self._loader(ds, self.eval_batch_size, shuffle=False, shard=True) for ds in self._eval]
 
     @override
     def test_dataloader(self) -> list[DataLoader]:
@@ -644,11 +650,12 @@ class NoisyLabelImageDataModule(pl.LightningDataModule):
 
     # ---- helpers ----
 
-    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, shard: bool = False) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=batch_size,
             shuffle=shuffle,
+            sampler=eval_sampler(dataset) if shard else None,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )

@@ -1,19 +1,24 @@
 """Loaders shared by the language-model data modules (:class:`TinyMemDataModule`, :class:`TextDataModule`).
 
-Both hold their rows as :class:`~lightning_curv.data.collate.RowDataset` objects built in ``setup`` and serve
-them through the same loaders; a subclass says only which rows are which.
+Both build their rows in ``setup`` and serve them through the same loaders; a subclass says only which rows are
+which. Both also share the prepare/setup cache: :meth:`LMRowsDataModule.prepare_data` writes a JSON file keyed
+by a digest of :attr:`~LMRowsDataModule.cache_config` (once, on one process), and
+:meth:`~LMRowsDataModule.setup` only reads it (DDP-safe).
 """
 
 from __future__ import annotations
 
+import json
 from abc import abstractmethod
-from typing import Literal
+from pathlib import Path
+from typing import Any, ClassVar, Literal
 
 import lightning.pytorch as pl
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from lightning_curv.data.base import EvalSet
-from lightning_curv.data.collate import RowDataset, build_loader, generation_to_lm_rows
+from lightning_curv.data.collate import build_loader, generation_to_lm_rows
+from lightning_curv.utils import atomic_write_json, json_digest
 
 try:
     from typing import override
@@ -26,16 +31,72 @@ BatchKind = Literal["lm", "generation"]
 class LMRowsDataModule(pl.LightningDataModule):
     """Base of the causal-LM data modules: training, curvature, memorized-set, retain and evaluation loaders.
 
-    Subclasses set ``batch_size``, ``eval_batch_size``, ``seed``, ``num_workers``, ``_data`` (None until
-    ``setup``) and ``train_dataset``, and implement :attr:`pad_token_id`, :attr:`eval_sets`,
-    :meth:`_eval_datasets`, :meth:`_memorized_dataset` and :meth:`_retain_rows`.
+    Subclasses set ``batch_size``, ``eval_batch_size``, ``seed``, ``num_workers``, ``cache_dir``,
+    :attr:`cache_name`, ``_data`` (None until ``setup``) and ``train_dataset``, and implement
+    :attr:`cache_config`, :meth:`_create_cache`, :meth:`_build`, :attr:`pad_token_id`, :attr:`eval_sets`,
+    :meth:`_eval_datasets`, :meth:`_memorized_dataset` and :meth:`_retain_dataset`.
     """
 
+    #: File name prefix of the cache (``<cache_name>-<digest>.json``) and name used in messages.
+    cache_name: ClassVar[str]
     batch_size: int
     eval_batch_size: int
     seed: int
     num_workers: int
-    train_dataset: RowDataset | None
+    cache_dir: str
+    train_dataset: Dataset | None
+    _data: dict[str, Any] | None
+
+    # ------------------------------------------------------------------ the cache
+    @property
+    @abstractmethod
+    def cache_config(self) -> dict[str, Any]:
+        """JSON-able settings that determine the cached content (the cache key, stored in the file)."""
+
+    @abstractmethod
+    def _create_cache(self) -> dict[str, Any]:
+        """Build the cached content (a JSON-able dict whose ``config`` is :attr:`cache_config`)."""
+
+    @abstractmethod
+    def _build(self, data: dict[str, Any]) -> None:
+        """Build the datasets from the cached content."""
+
+    @property
+    def cache_path(self) -> Path:
+        """The cache file for the current settings."""
+        return Path(self.cache_dir) / f"{self.cache_name}-{json_digest(self.cache_config, 16)}.json"
+
+    @override
+    def prepare_data(self) -> None:
+        """Build the cached content and write it, unless a cache for these settings exists."""
+        path = self.cache_path
+        if not path.exists():
+            atomic_write_json(path, self._create_cache(), indent=None)
+
+    @override
+    def setup(self, stage: str | None = None) -> None:
+        """Read the cache written by :meth:`prepare_data` and build the datasets.
+
+        Args:
+            stage: Lightning stage (unused: every split is built).
+
+        Raises:
+            FileNotFoundError: If :meth:`prepare_data` has not written the cache.
+            ValueError: If the cache was written for other settings.
+        """
+        if self._data is not None:
+            return
+        path = self.cache_path
+        if not path.exists():
+            raise FileNotFoundError(
+                f"{self.cache_name} cache {path} does not exist; call prepare_data() before setup()."
+            )
+        with open(path) as f:
+            data = json.load(f)
+        if data.get("config") != self.cache_config:
+            raise ValueError(f"{self.cache_name} cache {path} was written for other settings: {data.get('config')}.")
+        self._build(data)
+        self._data = data
 
     # ------------------------------------------------------------------ what a subclass provides
     @property
@@ -49,15 +110,15 @@ class LMRowsDataModule(pl.LightningDataModule):
         """Evaluation sets, in the order of the loaders that :meth:`val_dataloader` returns."""
 
     @abstractmethod
-    def _eval_datasets(self) -> list[tuple[RowDataset, BatchKind]]:
+    def _eval_datasets(self) -> list[tuple[Dataset, BatchKind]]:
         """The rows and batch kind of each entry of :attr:`eval_sets`, in that order."""
 
     @abstractmethod
-    def _memorized_dataset(self, split: Literal["selection", "test"]) -> RowDataset | None:
+    def _memorized_dataset(self, split: Literal["selection", "test"]) -> Dataset | None:
         """Generation rows of one half of the memorized set, or None when there is no memorized set."""
 
     @abstractmethod
-    def _retain_rows(self) -> list[dict]:
+    def _retain_dataset(self) -> Dataset:
         """Training rows that are not in the memorized set."""
 
     # ------------------------------------------------------------------ loaders
@@ -65,7 +126,7 @@ class LMRowsDataModule(pl.LightningDataModule):
         if getattr(self, "_data", None) is None:
             raise RuntimeError("Call prepare_data() and setup() before asking for data.")
 
-    def _loader(self, dataset: RowDataset, kind: BatchKind, train: bool = False) -> DataLoader:
+    def _loader(self, dataset: Dataset, kind: BatchKind, train: bool = False, shard: bool = False) -> DataLoader:
         return build_loader(
             dataset,
             kind,
@@ -74,6 +135,7 @@ class LMRowsDataModule(pl.LightningDataModule):
             shuffle=train,
             seed=self.seed,
             num_workers=self.num_workers,
+            shard=shard,
         )
 
     @override
@@ -107,11 +169,11 @@ class LMRowsDataModule(pl.LightningDataModule):
     def retain_dataloader(self) -> DataLoader:
         """Shuffled LM batches of training data that is not in the memorized set."""
         self._require_setup()
-        return self._loader(RowDataset(self._retain_rows()), "lm", train=True)
+        return self._loader(self._retain_dataset(), "lm", train=True)
 
     def _eval_loaders(self) -> list[DataLoader]:
         self._require_setup()
-        return [self._loader(dataset, kind) for dataset, kind in self._eval_datasets()]
+        return [self._loader(dataset, kind, shard=True) for dataset, kind in self._eval_datasets()]
 
     @override
     def val_dataloader(self) -> list[DataLoader]:

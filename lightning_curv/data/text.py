@@ -11,9 +11,16 @@ to Reasoning in the Spectrum of Loss Curvature* (arXiv 2510.24256, 2025): each p
 inserted ``probe_repeats`` times into training; at evaluation the model is prompted with its first
 ``prefix_len`` tokens (paper: 64) and greedily continues ``suffix_len`` tokens (paper: 48).
 
-Tokenization runs in :meth:`TextDataModule.prepare_data` and is cached on disk, keyed by the files (path,
-size, mtime), the tokenizer's content and the settings; :meth:`TextDataModule.setup` only reads the cache
-(DDP-safe).
+The pipeline is ``datasets`` end to end, and nothing holds the corpus in a Python list: blank documents are
+filtered out, a seeded ``train_test_split`` holds documents out (then each split is sorted back into file
+order), a batched ``map`` tokenizes and appends EOS, and a second batched ``map`` (:func:`group_texts`) packs
+the token streams into blocks. Every step is cached by ``datasets``' own fingerprints under ``cache_dir``; the
+packed blocks go to Arrow files named by the settings' digest. :meth:`TextDataModule.prepare_data` runs it and
+writes a small JSON manifest (the shared cache of :class:`~lightning_curv.data.lm.LMRowsDataModule`, keyed by
+the files' path, size and mtime, the tokenizer's content and the settings); :meth:`TextDataModule.setup` only
+memory-maps those files (DDP-safe). Hand-written: :func:`group_texts` keeps a last short block (>= 2 tokens) of
+each map batch instead of dropping it like the Hugging Face recipe, so no token of the corpus is lost; blocks
+restart at each batch of ``GROUP_DOCUMENTS`` documents (``datasets`` cannot carry a remainder across batches).
 """
 
 from __future__ import annotations
@@ -22,13 +29,14 @@ import glob
 import hashlib
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import Tensor
+from torch.utils.data import Dataset, Subset
 
 from lightning_curv.data.base import EvalSet
 from lightning_curv.data.collate import (
@@ -37,7 +45,6 @@ from lightning_curv.data.collate import (
     split_selection_test,
 )
 from lightning_curv.data.lm import BatchKind, LMRowsDataModule
-from lightning_curv.utils import atomic_torch_save, json_digest
 
 try:
     from typing import override
@@ -45,13 +52,17 @@ except ImportError:  # Python < 3.12
     from typing_extensions import override
 
 #: Bump when the cached content changes for the same settings (invalidates old caches).
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 #: ``datasets`` builder for each local file extension.
 BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
-#: Documents tokenized per tokenizer call.
+#: Documents tokenized per tokenizer call (``map`` batch size).
 _TOKENIZE_CHUNK = 1000
+#: Documents packed together by one :func:`group_texts` call: blocks restart at these boundaries.
+GROUP_DOCUMENTS = 10_000
+#: Column of the token ids in the tokenized and packed ``datasets``.
+TOKENS = "input_ids"
 
 
 def _as_list(files: str | Sequence[str] | None) -> list[str]:
@@ -194,6 +205,8 @@ class TextDataModule(LMRowsDataModule):
         FileNotFoundError: If a data, validation or probes file is missing.
     """
 
+    cache_name = "text"
+
     def __init__(
         self,
         tokenizer: str,
@@ -311,8 +324,9 @@ class TextDataModule(LMRowsDataModule):
         return self.tokenizer.eos_token_id if pad is None else pad
 
     @property
+    @override
     def cache_config(self) -> dict[str, Any]:
-        """What determines the cached token streams (the cache key); blocks and probe rows are cut at load."""
+        """What determines the cached blocks and probes (the cache key); probe rows are cut at load."""
         return {
             "format_version": FORMAT_VERSION,
             "dataset": self.dataset,
@@ -324,18 +338,22 @@ class TextDataModule(LMRowsDataModule):
             "text_field": self.text_field,
             "heldout_fraction": self.heldout_fraction,
             "max_documents": self.max_documents,
+            "block_size": self.block_size,
             "seed": self.seed,
             "tokenizer": _tokenizer_fingerprint(self.tokenizer),
             "probes_file": _file_fingerprint(resolve_files(self.probes_file)),
         }
 
-    @property
-    def cache_path(self) -> Path:
-        """File holding the tokenized corpus for the current files, tokenizer and settings."""
-        return Path(self.cache_dir) / f"text-{json_digest(self.cache_config, 16)}.pt"
+    def blocks_path(self, split: Literal["train", "heldout"]) -> Path:
+        """Arrow file of the packed blocks of ``split`` for the current settings (next to the manifest)."""
+        return self.cache_path.with_name(f"{self.cache_path.stem}-{split}.arrow")
 
-    def _load_documents(self, files: list[str], hub_split: str | None, limit: int | None = None) -> list[str]:
-        """Non-blank documents of local files (one format) or of a hub split, at most ``limit`` of them."""
+    def _load_documents(self, files: list[str], hub_split: str | None, limit: int | None = None) -> Any:
+        """Non-blank documents of local files (one format) or of a hub split, at most ``limit`` of them.
+
+        Returns:
+            A ``datasets.Dataset`` with one column ``text`` (and no other).
+        """
         import datasets
 
         cache = os.path.join(self.cache_dir, "datasets")
@@ -350,28 +368,30 @@ class TextDataModule(LMRowsDataModule):
             raise ValueError(f"The {source} have no column {column!r} (columns: {ds.column_names}); set `text_field`.")
         if limit is not None:
             ds = ds.select(range(min(limit, len(ds))))
-        return [t for t in ds[column] if isinstance(t, str) and t.strip()]
+        ds = ds.select_columns([column])
+        if column != "text":
+            ds = ds.rename_column(column, "text")
+        return ds.filter(_is_document, batched=True, input_columns="text", desc="Dropping blank documents")
 
-    def _tokenize(self, texts: Sequence[str]) -> Iterator[list[int]]:
-        for start in range(0, len(texts), _TOKENIZE_CHUNK):
-            chunk = list(texts[start : start + _TOKENIZE_CHUNK])
-            yield from self.tokenizer(chunk, add_special_tokens=False, verbose=False)["input_ids"]
-
-    def _pack_stream(self, texts: Sequence[str]) -> Tensor:
-        """Token ids of all documents, each followed by EOS, as one 1-D int tensor."""
-        eos = self.tokenizer.eos_token_id
-        parts = [np.asarray([*ids, eos], dtype=np.int64) for ids in self._tokenize(texts)]
-        stream = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
-        dtype = torch.int32 if len(self.tokenizer) < 2**31 else torch.int64
-        return torch.from_numpy(stream).to(dtype)
+    def _tokenize(self, documents: Any) -> Any:
+        """Token ids of each document followed by EOS: a ``datasets.Dataset`` with one column ``input_ids``."""
+        return documents.map(
+            _tokenize_batch,
+            batched=True,
+            batch_size=_TOKENIZE_CHUNK,
+            input_columns="text",
+            remove_columns=documents.column_names,
+            fn_kwargs={"tokenizer": self.tokenizer, "eos": self.tokenizer.eos_token_id},
+            desc="Tokenizing",
+        )
 
     def tokenize_corpus(self) -> dict[str, Any]:
-        """Load, split and tokenize the corpus and the probes (what :meth:`prepare_data` caches).
+        """Load, split and tokenize the corpus and the probes (each ``datasets`` step cached by fingerprint).
 
         Returns:
-            ``config``, ``train_tokens`` and ``heldout_tokens`` (1-D token streams with EOS after every
-            document), ``num_train_documents``, ``num_heldout_documents`` and ``probes`` (a list of 1-D
-            tensors).
+            ``train`` and ``heldout`` (``datasets.Dataset`` objects with column ``input_ids``: one document
+            with EOS appended per row, in file order), ``num_train_documents``, ``num_heldout_documents`` and
+            ``probes`` (token ids of each probe, without EOS).
 
         Raises:
             FileNotFoundError: If a data file is missing.
@@ -380,12 +400,12 @@ class TextDataModule(LMRowsDataModule):
         train_files = resolve_files(self.data_files)
         source = f"data_files {train_files}" if train_files else f"dataset {self.dataset!r} split {self.split!r}"
         docs = self._load_documents(train_files, self.split, self.max_documents)
-        if not docs:
+        if len(docs) == 0:
             raise ValueError(f"The corpus ({source}) is empty: it holds no non-blank document.")
         heldout_files = resolve_files(self.validation_files)
         if heldout_files or self.validation_split is not None:
             heldout = self._load_documents(heldout_files, self.validation_split)
-            if not heldout:
+            if len(heldout) == 0:
                 raise ValueError(f"The held-out corpus ({heldout_files or self.validation_split}) is empty.")
             train = docs
         else:
@@ -394,18 +414,18 @@ class TextDataModule(LMRowsDataModule):
                     f"The corpus ({source}) has a single document, so none can be held out; "
                     "give `validation_files` or more documents."
                 )
-            order = np.random.default_rng(self.seed).permutation(len(docs))
             num_heldout = min(len(docs) - 1, max(1, round(self.heldout_fraction * len(docs))))
-            heldout_ids = set(order[:num_heldout].tolist())
-            heldout = [d for i, d in enumerate(docs) if i in heldout_ids]
-            train = [d for i, d in enumerate(docs) if i not in heldout_ids]
+            # The permutation is numpy's default_rng(seed), as before; sorting restores file order.
+            numbered = docs.map(_number, batched=True, with_indices=True, desc="Numbering documents")
+            parts = numbered.train_test_split(test_size=num_heldout, shuffle=True, seed=self.seed)
+            train = parts["train"].sort("position").remove_columns("position")
+            heldout = parts["test"].sort("position").remove_columns("position")
         probes = []
         if self.probes_file is not None:
-            probes = [torch.tensor(ids, dtype=torch.int64) for ids in self._tokenize(self._probe_texts())]
+            probes = self.tokenizer(self._probe_texts(), add_special_tokens=False, verbose=False)[TOKENS]
         return {
-            "config": self.cache_config,
-            "train_tokens": self._pack_stream(train),
-            "heldout_tokens": self._pack_stream(heldout),
+            "train": self._tokenize(train),
+            "heldout": self._tokenize(heldout),
             "num_train_documents": len(train),
             "num_heldout_documents": len(heldout),
             "probes": probes,
@@ -414,34 +434,39 @@ class TextDataModule(LMRowsDataModule):
     def _probe_texts(self) -> list[str]:
         return read_probes(self.probes_file, self.text_field) if self.probes_file is not None else []
 
-    # --- Lightning
-
     @override
-    def prepare_data(self) -> None:
-        """Tokenize the corpus and write the cache, unless a cache for these files and settings exists."""
-        path = self.cache_path
+    def _create_cache(self) -> dict[str, Any]:
+        """Tokenize, pack each split into :meth:`blocks_path`, and return the manifest."""
+        corpus = self.tokenize_corpus()
+        for split in ("train", "heldout"):
+            path = self.blocks_path(split)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            corpus[split].map(
+                group_texts,
+                batched=True,
+                batch_size=GROUP_DOCUMENTS,
+                input_columns=TOKENS,
+                fn_kwargs={"block_size": self.block_size},
+                cache_file_name=str(path),
+                desc=f"Packing {split} blocks",
+            )
+        return {
+            "config": self.cache_config,
+            "num_train_documents": corpus["num_train_documents"],
+            "num_heldout_documents": corpus["num_heldout_documents"],
+            "probes": corpus["probes"],
+        }
+
+    def _read_blocks(self, split: Literal["train", "heldout"]) -> Any:
+        import datasets
+
+        path = self.blocks_path(split)
         if not path.exists():
-            atomic_torch_save(self.tokenize_corpus(), path)
-
-    @override
-    def setup(self, stage: str | None = None) -> None:
-        """Read the cache written by :meth:`prepare_data` and cut blocks, probe rows and generation rows.
-
-        Args:
-            stage: Lightning stage (unused: every split is built).
-
-        Raises:
-            FileNotFoundError: If :meth:`prepare_data` has not written the cache.
-            ValueError: If a probe is shorter than ``prefix_len + suffix_len`` or there are fewer than two.
-        """
-        if self._data is not None:
-            return
-        path = self.cache_path
-        if not path.exists():
-            raise FileNotFoundError(f"Text cache {path} does not exist; call prepare_data() before setup().")
-        data = torch.load(path, weights_only=True)
-        self._build(data)
-        self._data = data
+            raise FileNotFoundError(
+                f"Packed {split} blocks {path} are missing (cache folder cleaned?); delete {self.cache_path} and "
+                "call prepare_data() again."
+            )
+        return datasets.Dataset.from_file(str(path)).with_format("torch")
 
     def _check_probes(self, probes: Sequence[Tensor]) -> None:
         if len(probes) < 2:
@@ -461,12 +486,12 @@ class TextDataModule(LMRowsDataModule):
                     "remove the probe, or lower prefix_len / suffix_len."
                 )
 
+    @override
     def _build(self, data: dict[str, Any]) -> None:
-        train_blocks = pack_blocks(data["train_tokens"], self.block_size)
-        heldout_blocks = pack_blocks(data["heldout_tokens"], self.block_size)
-        if not train_blocks or not heldout_blocks:
+        train_blocks, heldout_blocks = self._read_blocks("train"), self._read_blocks("heldout")
+        if len(train_blocks) == 0 or len(heldout_blocks) == 0:
             raise ValueError("The training or held-out split has fewer than 2 tokens; use a larger corpus.")
-        probes: list[Tensor] = data["probes"]
+        probes = [torch.tensor(ids, dtype=torch.int64) for ids in data["probes"]]
         if self.probes_file is not None:
             self._check_probes(probes)
         eos = torch.tensor([self.tokenizer.eos_token_id], dtype=torch.int64)
@@ -474,15 +499,15 @@ class TextDataModule(LMRowsDataModule):
         cap = max(self.block_size, self.prefix_len + self.suffix_len)
         probe_rows = [torch.cat([p, eos])[:cap] for p in probes]
 
-        rows = [{"input_ids": block, "index": i} for i, block in enumerate(train_blocks)]
+        self.num_train_blocks = len(train_blocks)
+        extra: list[Tensor] = []
         self.probe_row_indices: list[list[int]] = [[] for _ in probes]
         for _ in range(self.probe_repeats):
             for j, row in enumerate(probe_rows):
-                self.probe_row_indices[j].append(len(rows))
-                rows.append({"input_ids": row, "index": len(rows)})
-        self.num_train_blocks = len(train_blocks)
-        self.train_dataset = RowDataset(rows)
-        self.heldout_dataset = RowDataset([{"input_ids": b, "index": i} for i, b in enumerate(heldout_blocks)])
+                self.probe_row_indices[j].append(self.num_train_blocks + len(extra))
+                extra.append(row)
+        self.train_dataset = PackedRows(train_blocks, extra)
+        self.heldout_dataset = PackedRows(heldout_blocks)
 
         self.memorization_selection_dataset = self.memorization_test_dataset = None
         prompt, target = self.prefix_len, self.suffix_len
@@ -491,13 +516,17 @@ class TextDataModule(LMRowsDataModule):
             self.probe_selection_indices, self.probe_test_indices = selection, test
             rows_of = [generation_row(p, prompt, index=i, target_len=target) for i, p in enumerate(probes)]
         elif self.memorization_from_train > 0:
-            full = [i for i, b in enumerate(train_blocks) if len(b) == self.block_size]
+            lengths = train_blocks.with_format("arrow")[TOKENS]
+            full = np.flatnonzero(_list_lengths(lengths) == self.block_size).tolist()
             if len(full) < 2:
                 raise ValueError("memorization_from_train needs at least 2 full training blocks.")
             rng = np.random.default_rng([self.seed, 0x7E57])
             chosen = sorted(rng.choice(full, size=min(self.memorization_from_train, len(full)), replace=False))
             selection, test = split_selection_test(len(chosen), self.seed)
-            rows_of = [generation_row(train_blocks[i], prompt, index=int(i), target_len=target) for i in chosen]
+            rows_of = [
+                generation_row(self.train_dataset[int(i)][TOKENS], prompt, index=int(i), target_len=target)
+                for i in chosen
+            ]
         else:
             return
         self.memorization_selection_dataset = RowDataset([rows_of[i] for i in selection])
@@ -519,8 +548,8 @@ class TextDataModule(LMRowsDataModule):
             ]
         return sets
 
-    def _eval_datasets(self) -> list[tuple[RowDataset, BatchKind]]:
-        datasets: list[tuple[RowDataset, BatchKind]] = [(self.heldout_dataset, "lm")]
+    def _eval_datasets(self) -> list[tuple[Dataset, BatchKind]]:
+        datasets: list[tuple[Dataset, BatchKind]] = [(self.heldout_dataset, "lm")]
         if self.memorization_selection_dataset is not None:
             datasets += [
                 (self.memorization_selection_dataset, "generation"),
@@ -531,8 +560,65 @@ class TextDataModule(LMRowsDataModule):
     def _memorized_dataset(self, split: Literal["selection", "test"]) -> RowDataset | None:
         return self.memorization_selection_dataset if split == "selection" else self.memorization_test_dataset
 
-    def _retain_rows(self) -> list[dict]:
-        return self.train_dataset.rows[: self.num_train_blocks]
+    def _retain_dataset(self) -> Dataset:
+        return Subset(self.train_dataset, range(self.num_train_blocks))
+
+
+class PackedRows(Dataset):
+    """Rows of packed blocks (a ``datasets.Dataset`` in torch format), then extra rows; ``index`` is the position.
+
+    Args:
+        blocks: Packed blocks with column ``input_ids``.
+        extra: Further rows' token ids (probe copies), after the blocks.
+    """
+
+    def __init__(self, blocks: Any, extra: Sequence[Tensor] = ()) -> None:
+        self.blocks = blocks
+        self.extra = list(extra)
+
+    def __len__(self) -> int:
+        return len(self.blocks) + len(self.extra)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        n = len(self.blocks)
+        ids = self.blocks[i][TOKENS] if i < n else self.extra[i - n]
+        return {TOKENS: ids, "index": i}
+
+
+def _is_document(texts: list[Any]) -> list[bool]:
+    return [isinstance(t, str) and bool(t.strip()) for t in texts]
+
+
+def _number(batch: dict[str, list], indices: list[int]) -> dict[str, list[int]]:
+    return {"position": indices}
+
+
+def _tokenize_batch(texts: list[str], tokenizer: Any, eos: int) -> dict[str, list[list[int]]]:
+    ids = tokenizer(texts, add_special_tokens=False, verbose=False)[TOKENS]
+    return {TOKENS: [[*doc, eos] for doc in ids]}
+
+
+def _list_lengths(column: Any) -> np.ndarray:
+    """Lengths of the rows of an Arrow list column, as an int array (no Python list of the values)."""
+    import pyarrow.compute as pc
+
+    return pc.list_value_length(column).to_numpy(zero_copy_only=False)
+
+
+def group_texts(input_ids: list[list[int]], block_size: int) -> dict[str, list[list[int]]]:
+    """Pack one ``map`` batch of token sequences into consecutive blocks (see :func:`pack_blocks`).
+
+    Args:
+        input_ids: Token ids of consecutive documents (EOS included).
+        block_size: Tokens per block.
+
+    Returns:
+        ``{"input_ids": blocks}``; the blocks concatenate back to the batch's tokens (but a dropped single
+        last token).
+    """
+    lengths = [len(ids) for ids in input_ids]
+    stream = torch.from_numpy(np.fromiter((t for ids in input_ids for t in ids), dtype=np.int64, count=sum(lengths)))
+    return {TOKENS: [block.tolist() for block in pack_blocks(stream, block_size)]}
 
 
 def pack_blocks(stream: Tensor, block_size: int) -> list[Tensor]:

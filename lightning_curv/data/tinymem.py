@@ -23,11 +23,9 @@ hash of the generation settings; :meth:`TinyMemDataModule.setup` only reads the 
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -40,7 +38,6 @@ from lightning_curv.data.collate import (
     split_selection_test,
 )
 from lightning_curv.data.lm import BatchKind, LMRowsDataModule
-from lightning_curv.utils import atomic_write_json, json_digest
 
 try:
     from typing import override
@@ -289,6 +286,8 @@ class TinyMemDataModule(LMRowsDataModule):
         ValueError: On inconsistent settings (see the messages).
     """
 
+    cache_name = "tinymem"
+
     def __init__(
         self,
         seed: int = 0,
@@ -396,9 +395,14 @@ class TinyMemDataModule(LMRowsDataModule):
         }
 
     @property
-    def cache_path(self) -> Path:
-        """JSON file holding the generated data for the current settings."""
-        return Path(self.cache_dir) / f"tinymem-{json_digest(self.generation_config, 16)}.json"
+    @override
+    def cache_config(self) -> dict[str, Any]:
+        """The cache key: :attr:`generation_config`."""
+        return self.generation_config
+
+    @override
+    def _create_cache(self) -> dict[str, Any]:
+        return self.generate()
 
     @property
     def prompt_len(self) -> int:
@@ -484,38 +488,7 @@ class TinyMemDataModule(LMRowsDataModule):
         ]
         return data
 
-    # --- Lightning
-
     @override
-    def prepare_data(self) -> None:
-        """Generate the data and write the cache, unless a cache for these settings exists."""
-        path = self.cache_path
-        if not path.exists():
-            atomic_write_json(path, self.generate(), indent=None)
-
-    @override
-    def setup(self, stage: str | None = None) -> None:
-        """Read the cache written by :meth:`prepare_data` and build the datasets.
-
-        Args:
-            stage: Lightning stage (unused: every split is built).
-
-        Raises:
-            FileNotFoundError: If :meth:`prepare_data` has not written the cache.
-            ValueError: If the cache was written for other settings.
-        """
-        if self._data is not None:
-            return
-        path = self.cache_path
-        if not path.exists():
-            raise FileNotFoundError(f"TinyMem cache {path} does not exist; call prepare_data() before setup().")
-        with open(path) as f:
-            data = json.load(f)
-        if data.get("config") != self.generation_config:
-            raise ValueError(f"TinyMem cache {path} was written for other settings: {data.get('config')}.")
-        self._build(data)
-        self._data = data
-
     def _build(self, data: dict[str, Any]) -> None:
         p = self.prompt_len
         selection, test = split_selection_test(len(data["noise"]), self.seed)
@@ -610,6 +583,6 @@ class TinyMemDataModule(LMRowsDataModule):
     def _memorized_dataset(self, split: Literal["selection", "test"]) -> RowDataset | None:
         return self.noise_selection_dataset if split == "selection" else self.noise_test_dataset
 
-    def _retain_rows(self) -> list[dict]:
+    def _retain_dataset(self) -> RowDataset:
         rows = self.train_dataset.rows
-        return [row for row, (kind, _) in zip(rows, self.train_sources, strict=True) if kind == "clean"]
+        return RowDataset([row for row, (kind, _) in zip(rows, self.train_sources, strict=True) if kind == "clean"])

@@ -6,15 +6,22 @@ from lightning_curv.metrics.memorization import (
     align_to_target,
     token_edit_distances,
 )
-from lightning_curv.metrics.utility import NDCGMetric, PerplexityMetric, reference_topk, summed_token_loss
+from lightning_curv.metrics.utility import (
+    BatchMeanPerplexity,
+    NDCGMetric,
+    TokenPerplexity,
+    reference_topk,
+    summed_token_loss,
+)
 from lightning_curv.metrics.vision import LabelMemorizationMetric
 
 __all__ = [
+    "BatchMeanPerplexity",
     "LabelMemorizationMetric",
     "NDCGMetric",
-    "PerplexityMetric",
     "SequenceMatchMetric",
     "TextMemorizationMetric",
+    "TokenPerplexity",
     "align_to_target",
     "reference_topk",
     "summed_token_loss",

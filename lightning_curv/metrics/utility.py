@@ -1,12 +1,16 @@
 """Utility metrics for language models: perplexity and nDCG@k against a reference model.
 
 Merullo et al. 2025, *From Memorization to Reasoning in the Spectrum of Loss Curvature* (arXiv 2510.24256)
-report perplexity as the mean over batches of ``exp(batch mean loss)``; :class:`PerplexityMetric` reports
-that (``ppl_batch_mean``) next to the token-weighted ``exp(mean loss)`` (``ppl``), which does not depend on
-how the data is batched. :class:`NDCGMetric` measures how well an edited model keeps the original model's
-next-token ranking.
+report perplexity as the mean over batches of ``exp(batch mean loss)`` (:class:`BatchMeanPerplexity`, a
+``MeanMetric``); :class:`TokenPerplexity` (torchmetrics' ``Perplexity``) reports the token-weighted
+``exp(mean loss)``, which does not depend on how the data is batched. :class:`NDCGMetric` measures how well an
+edited model keeps the original model's next-token ranking. Hand-written on purpose: :meth:`TokenPerplexity.update`
+(torchmetrics' takes ``log`` of a float32 softmax of the logits, which underflows) and :class:`NDCGMetric`
+(torchmetrics' ``RetrievalNormalizedDCG`` scores one ranked list per query id against given relevances, not a
+model's top-``k`` against a reference model's probabilities at every position).
 
-All states are sums reduced with ``dist_reduce_fx="sum"``; float sums are float64, counts are long.
+All states are sums reduced with ``dist_reduce_fx="sum"`` and kept in float64 (counts: long in
+:class:`NDCGMetric`, float64 in the torchmetrics-based perplexities, exact below 2**53).
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchmetrics import Metric
+from torchmetrics import MeanMetric, Metric
+from torchmetrics.text import Perplexity
 
 from lightning_curv.curvature.constants import IGNORE_INDEX
 
@@ -32,7 +37,7 @@ def summed_token_loss(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE
 
     Returns:
         ``(loss_sum, num_tokens)``: float32 scalar sum of the token losses and long scalar token count, the
-        inputs of :meth:`PerplexityMetric.update`.
+        inputs of :meth:`TokenPerplexity.update`.
     """
     shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()  # [B*(T-1), V]
     shift_labels = labels[:, 1:].reshape(-1)  # [B*(T-1)]
@@ -40,38 +45,26 @@ def summed_token_loss(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE
     return loss_sum, (shift_labels != ignore_index).sum()
 
 
-class PerplexityMetric(Metric):
-    """Perplexity from summed token losses, token-weighted and as the paper's mean over batches.
+class TokenPerplexity(Perplexity):
+    """Token-weighted perplexity ``exp(Σ loss_sum / Σ num_tokens)``, independent of how the data is batched.
 
-    Each ``update`` is one batch. ``compute`` returns:
-
-    * ``loss``: token-weighted mean loss ``Σ loss_sum / Σ num_tokens``;
-    * ``ppl``: ``exp(loss)``, independent of batching;
-    * ``ppl_batch_mean``: mean over update calls of ``exp(loss_sum / num_tokens)`` (the paper's convention;
-      it depends on the batching and is at least ``ppl`` when batches hold equal token counts, by Jensen).
-      Under DDP it is the mean over all batches of all ranks. Batches with no tokens are skipped.
-
-    Args:
-        **kwargs: Passed to ``torchmetrics.Metric``.
+    torchmetrics' :class:`~torchmetrics.text.Perplexity` with its states (float64 here) and ``compute``; only
+    ``update`` is replaced: it takes the summed cross-entropy the module already computed for its loss
+    (:func:`summed_token_loss`) instead of the logits, because torchmetrics' own update takes ``log`` of a
+    float32 softmax (``inf`` for tokens whose probability underflows) and would run the vocabulary softmax a
+    second time. ``compute`` returns the perplexity and :meth:`mean_loss` the loss it exponentiates (NaN
+    before any non-empty update).
     """
 
     is_differentiable = False
     higher_is_better = False
     full_state_update = False
 
-    loss_sum: Tensor
-    num_tokens: Tensor
-    batch_ppl_sum: Tensor
-    num_batches: Tensor
+    def __init__(self) -> None:
+        super().__init__(ignore_index=IGNORE_INDEX)
+        self.set_dtype(torch.float64)
 
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.add_state("loss_sum", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("num_tokens", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("batch_ppl_sum", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("num_batches", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-
-    def update(self, loss_sum: Tensor | float, num_tokens: Tensor | int) -> None:
+    def update(self, loss_sum: Tensor | float, num_tokens: Tensor | int) -> None:  # type: ignore[override]
         """Add one batch.
 
         Args:
@@ -81,28 +74,51 @@ class PerplexityMetric(Metric):
         Raises:
             ValueError: If ``num_tokens`` is a negative int.
         """
-        if isinstance(num_tokens, int) and num_tokens < 0:
-            raise ValueError(f"num_tokens must be >= 0, got {num_tokens}.")
-        device = self.loss_sum.device
-        loss_sum = torch.as_tensor(loss_sum).detach().to(device=device, dtype=torch.float64).reshape(())
-        num_tokens = torch.as_tensor(num_tokens).detach().to(device=device, dtype=torch.long).reshape(())
+        loss_sum, num_tokens = _as_batch(loss_sum, num_tokens, self.total_log_probs.device)
         # torch.where instead of an `if`: no host sync per batch on accelerators.
         nonempty = num_tokens > 0
-        self.loss_sum += torch.where(nonempty, loss_sum, torch.zeros_like(loss_sum))
-        self.num_tokens += num_tokens.clamp_min(0)
-        self.batch_ppl_sum += torch.where(
-            nonempty, torch.exp(loss_sum / num_tokens.clamp_min(1)), torch.zeros_like(loss_sum)
-        )
-        self.num_batches += nonempty.long()
+        self.total_log_probs += torch.where(nonempty, loss_sum, torch.zeros_like(loss_sum))
+        self.count += num_tokens.clamp_min(0)
 
-    def compute(self) -> dict[str, Tensor]:
-        """Return ``ppl``, ``ppl_batch_mean`` and ``loss`` (NaN before any non-empty update)."""
-        loss = self.loss_sum / self.num_tokens.double()
-        return {
-            "ppl": torch.exp(loss),
-            "ppl_batch_mean": self.batch_ppl_sum / self.num_batches.double(),
-            "loss": loss,
-        }
+    def mean_loss(self) -> Tensor:
+        """Token-weighted mean loss ``Σ loss_sum / Σ num_tokens`` (float64, over all ranks under DDP)."""
+        with self.sync_context():
+            return self.total_log_probs / self.count
+
+
+class BatchMeanPerplexity(MeanMetric):
+    """The paper's perplexity: mean over batches of ``exp(batch mean loss)``; batches with no tokens are skipped.
+
+    It depends on the batching and is at least the token-weighted perplexity when batches hold equal token
+    counts (Jensen). Under DDP it is the mean over all batches of all ranks. States are float64.
+    """
+
+    is_differentiable = False
+    higher_is_better = False
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.set_dtype(torch.float64)
+
+    def update(self, loss_sum: Tensor | float, num_tokens: Tensor | int) -> None:  # type: ignore[override]
+        """Add one batch (same arguments as :meth:`TokenPerplexity.update`).
+
+        Raises:
+            ValueError: If ``num_tokens`` is a negative int.
+        """
+        loss_sum, num_tokens = _as_batch(loss_sum, num_tokens, self.mean_value.device)
+        nonempty = num_tokens > 0
+        super().update(torch.exp(loss_sum / num_tokens.clamp_min(1)), weight=nonempty.double())
+
+
+def _as_batch(loss_sum: Tensor | float, num_tokens: Tensor | int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """A batch's detached float64 loss sum and long token count on ``device``, both scalars."""
+    if isinstance(num_tokens, int) and num_tokens < 0:
+        raise ValueError(f"num_tokens must be >= 0, got {num_tokens}.")
+    loss_sum = torch.as_tensor(loss_sum).detach().to(device=device, dtype=torch.float64).reshape(())
+    num_tokens = torch.as_tensor(num_tokens).detach().to(device=device, dtype=torch.long).reshape(())
+    return loss_sum, num_tokens
 
 
 def reference_topk(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:

@@ -1,9 +1,11 @@
 """What every lightning_curv LightningModule shares: the curvature hook-in and the evaluation-set dispatch.
 
 A module owns its backbone as ``self.model`` (built in ``configure_model``). During a curvature collection a
-:class:`~lightning_curv.callbacks.KFACCallback` sets ``self.curvature_collector`` and the Trainer's predict loop
-(run with ``inference_mode=False``) calls :meth:`CurvatureModule.predict_step`, which hands the batch to the
-collector; the module only says how one batch becomes a K-FAC step (:meth:`CurvatureModule.kfac_step`).
+collector (any :class:`CurvatureCollector`; the package's is ``lightning_curv.callbacks.KFACCallback``) sets
+``self.curvature_collector`` and the Trainer's predict loop (run with ``inference_mode=False``) calls
+:meth:`CurvatureModule.predict_step`, which hands the batch to the collector; the module only says how one batch
+becomes a K-FAC step (:meth:`CurvatureModule.kfac_step`). Models know collectors only through that protocol,
+so nothing here imports the callbacks.
 
 Evaluation batches come from the loaders the data module lists in ``eval_sets`` (see
 :mod:`lightning_curv.data.base`); each set gets its own torchmetrics objects and logs under
@@ -14,19 +16,25 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal, Protocol
 
 import lightning.pytorch as pl
 from torch import Tensor, nn
+from torchmetrics import Metric
 from typing_extensions import override
 
 from lightning_curv.curvature import KFACAccumulator
 from lightning_curv.data.base import EvalSet
 
-if TYPE_CHECKING:
-    from lightning_curv.callbacks.kfac import KFACCallback
-
 KFACMode = Literal["tokens", "cls"]
+
+
+class CurvatureCollector(Protocol):
+    """What :meth:`CurvatureModule.predict_step` hands batches to while a curvature pass runs."""
+
+    def step(self, pl_module: CurvatureModule, batch: Mapping[str, Tensor], batch_idx: int) -> int:
+        """Count one batch (typically through ``pl_module.kfac_step``); return the samples counted."""
+        ...
 
 
 class CurvatureModule(pl.LightningModule):
@@ -38,9 +46,28 @@ class CurvatureModule(pl.LightningModule):
     def __init__(self) -> None:
         super().__init__()
         self.model: nn.Module | None = None
-        self.curvature_collector: KFACCallback | None = None
+        self.curvature_collector: CurvatureCollector | None = None
         self.eval_metrics = nn.ModuleDict()
         self._eval_sets: list[EvalSet] = []
+
+    @override
+    def _apply(self, fn: Any, recurse: bool = True) -> CurvatureModule:
+        """Move the module as asked, but keep every metric state in its own dtype.
+
+        ``bf16-true`` precision converts the whole module with ``module.to(torch.bfloat16)``, which torchmetrics
+        applies to metric states too: a float64 perplexity or nDCG sum would be summed in bfloat16. Devices still
+        follow the module.
+        """
+        metrics = [m for m in self.modules() if isinstance(m, Metric)]
+        dtypes = [{k: v.dtype for k, v in m._defaults.items() if isinstance(v, Tensor)} for m in metrics]
+        super()._apply(fn, recurse)
+        for metric, kept in zip(metrics, dtypes, strict=True):
+            for name, dtype in kept.items():
+                state = getattr(metric, name)
+                if state.dtype != dtype:
+                    setattr(metric, name, state.to(dtype))
+                    metric._defaults[name] = metric._defaults[name].to(dtype)
+        return self
 
     # ------------------------------------------------------------------ curvature
     @abstractmethod
@@ -62,7 +89,7 @@ class CurvatureModule(pl.LightningModule):
 
     @override
     def predict_step(self, batch: Mapping[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> Any:
-        """A curvature step while a KFACCallback collects; otherwise the backbone's forward."""
+        """A curvature step while a collector is set; otherwise the backbone's forward."""
         if self.curvature_collector is not None:
             return self.curvature_collector.step(self, batch, batch_idx)
         return self(batch)

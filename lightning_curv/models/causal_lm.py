@@ -24,10 +24,11 @@ from typing_extensions import override
 from lightning_curv.curvature import IGNORE_INDEX, KFACAccumulator, causal_lm_step, valid_positions
 from lightning_curv.data.base import SPLIT_GROUP, EvalSet
 from lightning_curv.metrics import (
+    BatchMeanPerplexity,
     NDCGMetric,
-    PerplexityMetric,
     SequenceMatchMetric,
     TextMemorizationMetric,
+    TokenPerplexity,
     reference_topk,
 )
 from lightning_curv.models.base import CurvatureModule, KFACMode
@@ -217,7 +218,9 @@ class LitCausalLM(CurvatureModule):
     @override
     def make_metrics(self, eval_set: EvalSet) -> nn.ModuleDict:
         if eval_set.kind == "perplexity":
-            return nn.ModuleDict({"ppl": PerplexityMetric(), "ndcg": NDCGMetric(k=NDCG_K)})
+            return nn.ModuleDict(
+                {"ppl": TokenPerplexity(), "ppl_batch_mean": BatchMeanPerplexity(), "ndcg": NDCGMetric(k=NDCG_K)}
+            )
         stress = {}
         if eval_set.kind in ("text_memorization", "noise_memorization"):
             stress = {"prefix_match": MeanMetric()}
@@ -255,6 +258,7 @@ class LitCausalLM(CurvatureModule):
             scores = logits[valid].float()  # [n, V]
             loss_sum = F.cross_entropy(scores, targets, reduction="sum")
             metrics["ppl"].update(loss_sum, valid.sum())
+            metrics["ppl_batch_mean"].update(loss_sum, valid.sum())
             if self.reference_topk is not None:
                 key = (dataloader_idx, batch_idx)
                 if self.record_reference:
@@ -313,8 +317,11 @@ class LitCausalLM(CurvatureModule):
         metrics = self.eval_metrics[eval_set.name]
         group = SPLIT_GROUP[eval_set.split]
         if eval_set.kind == "perplexity":
-            ppl = metrics["ppl"].compute()
-            out = {"util/ppl": ppl["ppl"], "util/ppl_batch_mean": ppl["ppl_batch_mean"], "util/loss": ppl["loss"]}
+            out = {
+                "util/ppl": metrics["ppl"].compute(),
+                "util/ppl_batch_mean": metrics["ppl_batch_mean"].compute(),
+                "util/loss": metrics["ppl"].mean_loss(),
+            }
             if metrics["ndcg"].update_called:
                 out["util/ndcg10"] = metrics["ndcg"].compute()["ndcg"]
             return out

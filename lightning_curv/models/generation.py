@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_curv.curvature.hooks import ModuleHooks
+
 
 def _accepts(model: nn.Module, name: str) -> bool:
     """Whether ``model.forward`` takes a keyword argument ``name``."""
@@ -102,10 +104,8 @@ def greedy_generate(
     keep_last = _accepts(model, "logits_to_keep")
     # transformers >= 5.2x names the KV cache `cache` (argument and output); earlier versions `past_key_values`.
     cache_key = "cache" if _accepts(model, "cache") else "past_key_values"
-    # Restore each submodule's own flag: a model may arrive with mixed modes (e.g. frozen parts in eval).
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
+    # Restores each submodule's own flag: a model may arrive with mixed modes (e.g. frozen parts in eval).
+    with ModuleHooks(model, freeze=False, eval_mode=True):
         mask = torch.ones(batch, prompt_len + max_new_tokens, dtype=torch.long, device=device)
         mask[:, :prompt_len] = prompt_mask.long()
         ids = prompt_ids.long().masked_fill(prompt_mask == 0, pad_token_id)
@@ -132,9 +132,6 @@ def greedy_generate(
                 next_position = next_position + 1
                 kwargs["position_ids"] = next_position
             output = model(input_ids=token[:, None], **kwargs)
-    finally:
-        for module, training in modes:
-            module.training = training
     return out
 
 

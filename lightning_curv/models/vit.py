@@ -23,6 +23,12 @@ value other than the default), the checkpoint's recorded architecture, the attac
 (``num_classes``, ``image_size``, ``in_chans``), timm's default for ``name``. The resolved values are written
 back into ``hparams``, so a Lightning checkpoint of the module rebuilds the same backbone.
 
+Library use: parameter groups come from ``timm.optim.param_groups_weight_decay`` and plain state dicts are
+read by ``timm.models.load_state_dict``. Hand-written on purpose: the learning-rate factor (:func:`lr_factor`),
+because ``transformers.get_scheduler`` warms up as ``step / warmup`` from 0 instead of ``(step + 1) /
+(warmup + 1)`` and would change every trained ViT; Lightning checkpoints (their ``model.`` prefix and recorded
+architecture) and the strict load's check, which names the mismatching keys before ``load_state_dict`` runs.
+
 Warning:
     CLS-only statistics (``mode="cls"``) need a model whose head reads one token (timm
     ``global_pool="token"``, position 0). Models that average or attention-pool the tokens
@@ -33,7 +39,6 @@ Warning:
 from __future__ import annotations
 
 import difflib
-import inspect
 import json
 import math
 import re
@@ -48,7 +53,6 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
-from lightning_curv.baselines.example_tied_dropout import ExampleTiedDropout
 from lightning_curv.curvature import KFACAccumulator, classifier_step
 from lightning_curv.data.base import SPLIT_GROUP, EvalSet
 from lightning_curv.metrics.vision import LabelMemorizationMetric
@@ -108,9 +112,6 @@ class LitViT(CurvatureModule):
         curvature_modules: Layer patterns tracked by default; None: every block's ``mlp.fc1`` and ``mlp.fc2``.
         cls_position: Token position whose statistics count in ``"cls"`` mode; None: inferred (0 for models
             whose head reads the class token).
-        example_tied_dropout: Train with example-tied dropout (Maini et al., 2023) on every block's MLP hidden
-            channels: ``{"p_fixed": ..., "p_mem": ..., "seed": ...}``; evaluation drops the memorization channels.
-            None (default): ordinary training.
 
     Raises:
         ValueError: On out-of-range sizes or options (checked here, before any model is built).
@@ -136,7 +137,6 @@ class LitViT(CurvatureModule):
         label_smoothing: float = 0.0,
         curvature_modules: list[str] | None = None,
         cls_position: int | None = None,
-        example_tied_dropout: dict[str, float] | None = None,
     ) -> None:
         super().__init__()
         for field_name, value in (
@@ -176,11 +176,6 @@ class LitViT(CurvatureModule):
         self.label_smoothing = label_smoothing
         self._curvature_modules = curvature_modules
         self.cls_position = cls_position
-        unknown_etd = sorted(set(example_tied_dropout or {}) - {"p_fixed", "p_mem", "seed"})
-        if unknown_etd:
-            raise ValueError(f"example_tied_dropout takes p_fixed, p_mem and seed; unknown keys {unknown_etd}.")
-        self.example_tied_dropout = dict(example_tied_dropout) if example_tied_dropout is not None else None
-        self.etd: ExampleTiedDropout | None = None
         #: Sizes read from the attached data module in ``setup`` (used for fields left None, then checked).
         self._data_sizes: dict[str, int] = {}
         #: The ``timm.create_model`` keywords the backbone was built with (set by ``configure_model``).
@@ -218,19 +213,6 @@ class LitViT(CurvatureModule):
         self.create_kwargs = {k: v for k, v in kwargs.items() if v is not None}
         self._record_resolved(model)
         self._check_against_data()
-        if self.example_tied_dropout is not None:
-            etd = self.example_tied_dropout
-            self.etd = ExampleTiedDropout.install(
-                model, "blocks.*.mlp", etd.get("p_fixed", 0.2), etd.get("p_mem", 0.1), int(etd.get("seed", 0))
-            )
-
-    def with_example_tied_dropout(self, p_fixed: float, p_mem: float, seed: int = 0) -> LitViT:
-        """A fresh, untrained copy of this module's architecture that trains with example-tied dropout."""
-        accepted = inspect.signature(type(self).__init__).parameters
-        hparams = {k: v for k, v in self.hparams.items() if k in accepted}  # LightningCLI adds `_class_path`
-        hparams.update(checkpoint=None, pretrained=False)
-        hparams["example_tied_dropout"] = {"p_fixed": p_fixed, "p_mem": p_mem, "seed": seed}
-        return type(self)(**hparams)
 
     def _resolve_architecture(self, recorded: Mapping[str, Any] | None) -> tuple[str, dict[str, Any]]:
         """``(name, create_model keywords)`` from the fields, a checkpoint's record and the data module."""
@@ -322,11 +304,7 @@ class LitViT(CurvatureModule):
     # ------------------------------------------------------------------ training
     @override
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
-        if self.etd is not None:
-            with self.etd.indices(batch["index"]):
-                logits = self(batch)
-        else:
-            logits = self(batch)
+        logits = self(batch)  # [B, num_classes]; training-time hooks (e.g. a baseline's) see the whole batch
         labels = batch["labels"]
         loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
         acc = (logits.argmax(dim=-1) == labels).float().mean()
@@ -337,17 +315,14 @@ class LitViT(CurvatureModule):
 
     @override
     def configure_optimizers(self) -> Any:
-        decay, no_decay = [], []
-        for param_name, p in self.model.named_parameters():
-            if not p.requires_grad:
-                continue
-            skip = p.ndim < 2 or param_name.split(".")[-1] in _NO_DECAY_NAMES
-            (no_decay if skip else decay).append(p)
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=self.lr,
-            betas=self.betas,
-        )
+        from timm.optim import param_groups_weight_decay
+
+        no_decay = set(getattr(self.model, "no_weight_decay", set)())
+        no_decay |= {n for n, _ in self.model.named_parameters() if n.rsplit(".", 1)[-1] in _NO_DECAY_NAMES}
+        groups = param_groups_weight_decay(self.model, self.weight_decay, no_weight_decay_list=no_decay)
+        # timm lists the no-decay group first; decay first keeps the parameter order of earlier releases (and
+        # with it the summation order of a gradient-norm clip).
+        optimizer = torch.optim.AdamW(groups[::-1], lr=self.lr, betas=self.betas)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         factor = lr_factor(self.scheduler, self.warmup_steps, total)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
@@ -430,7 +405,7 @@ class LitViT(CurvatureModule):
                 raise ValueError("num_classes is unknown: set model.num_classes or use a data module that has it.")
             return nn.ModuleDict({"acc": MulticlassAccuracy(num_classes=num_classes, average="micro")})
         if eval_set.kind == "label_memorization":
-            return nn.ModuleDict({"mem": LabelMemorizationMetric()})
+            return nn.ModuleDict({"mem": LabelMemorizationMetric(self.num_classes)})
         raise ValueError(f"LitViT cannot evaluate {eval_set.kind!r} sets ({eval_set.name}).")
 
     @override
@@ -582,12 +557,6 @@ def _weights_file(checkpoint: str) -> Path:
     return path
 
 
-def _strip_prefix(state: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
-    if state and all(k.startswith(prefix) for k in state):
-        return {k[len(prefix) :]: v for k, v in state.items()}
-    return dict(state)
-
-
 def read_vit_checkpoint(checkpoint: str) -> tuple[dict[str, Any] | None, dict[str, Tensor]]:
     """Architecture record and backbone state dict of a local checkpoint.
 
@@ -604,12 +573,12 @@ def read_vit_checkpoint(checkpoint: str) -> tuple[dict[str, Any] | None, dict[st
         FileNotFoundError: If nothing is at ``checkpoint``.
         ValueError: If the file holds no state dict.
     """
+    from timm.models import load_state_dict
+
     path = _weights_file(checkpoint)
     record = None
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
+        state = load_state_dict(str(path))
         config = path.with_name(EXPORT_CONFIG)
         if config.is_file():
             data = json.loads(config.read_text())
@@ -624,23 +593,14 @@ def read_vit_checkpoint(checkpoint: str) -> tuple[dict[str, Any] | None, dict[st
             raise ValueError(f"{path} holds a {type(raw).__name__}, not a state dict.")
         if "state_dict" in raw and "hyper_parameters" in raw:  # a Lightning checkpoint of a LitViT
             hp = raw["hyper_parameters"]
-            state = _strip_prefix({k: v for k, v in raw["state_dict"].items() if k.startswith("model.")}, "model.")
+            prefix = "model."
+            state = {k[len(prefix) :]: v for k, v in raw["state_dict"].items() if k.startswith(prefix)}
             if "name" in hp:
                 kwargs = {k: hp.get(k) for k in _SIZE_FIELDS if hp.get(k) is not None}
                 kwargs.update(hp.get("model_kwargs") or {})
                 record = {"name": hp["name"], "create_kwargs": kwargs}
-        else:
-            state = raw
-            for key in (
-                "state_dict_ema",
-                "model_ema",
-                "state_dict",
-                "model",
-            ):  # timm/torch training checkpoints
-                if isinstance(raw.get(key), Mapping):
-                    state = raw[key]
-                    break
-            state = _strip_prefix(state, "module.")
+        else:  # timm picks the EMA / state_dict / model entry of training checkpoints and strips DDP prefixes
+            state = load_state_dict(str(path), use_ema=True)
         state = {k: v for k, v in state.items() if isinstance(v, Tensor)}
     if not state:
         raise ValueError(f"{path} holds no tensors of a model.")

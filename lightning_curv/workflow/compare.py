@@ -18,7 +18,14 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import Logger
 
-from lightning_curv.baselines import apply_random_pair_edit, apply_svd_edit, balanced_subnet
+from lightning_curv.baselines import (
+    add_example_tied_dropout,
+    apply_random_pair_edit,
+    apply_svd_edit,
+    balanced_subnet,
+    resolve_hidden_layers,
+    untrained_copy,
+)
 from lightning_curv.curvature import EditHandle, KFACEigen, apply_edit, summarize_stats
 from lightning_curv.models.base import stage_metrics
 from lightning_curv.workflow.options import EditOptions
@@ -95,8 +102,9 @@ def run_post_hoc(
             handle.undo()
 
     masks: dict = {}
+    orders: dict = {}
     for rho in rhos:
-        reference = apply_edit(model, eigens, rho, masks=masks)
+        reference = apply_edit(model, eigens, rho, masks=masks, orders=orders)
         if "curvature" in methods:
             measure("curvature", rho, reference)
         reference.undo()
@@ -204,7 +212,7 @@ def train_example_tied_dropout(
     """Train a fresh copy of ``model`` with example-tied dropout and evaluate it with memorization channels dropped.
 
     Args:
-        model: The compared LightningModule; it must offer ``with_example_tied_dropout(p_fixed, p_mem, seed)``.
+        model: The compared LightningModule, built; it needs ViT MLP blocks (``model.model.blocks.*.mlp``).
         datamodule: The same data module.
         make_trainer: Builds a fresh Trainer with the experiment's trainer settings.
         options: The comparison options.
@@ -213,10 +221,12 @@ def train_example_tied_dropout(
     Returns:
         ``(rows, notes)``.
     """
-    factory = getattr(model, "with_example_tied_dropout", None)
-    if not callable(factory):
+    try:
+        resolve_hidden_layers(model.model, "blocks.*.mlp")
+    except (AttributeError, TypeError, ValueError):
         return [], [f"example_tied_dropout skipped: {type(model).__name__} does not support it (ViT only)"]
-    etd_model = factory(p_fixed=options.etd_p_fixed, p_mem=options.etd_p_mem, seed=options.seed)
+    etd_model = untrained_copy(model)
+    add_example_tied_dropout(etd_model, p_fixed=options.etd_p_fixed, p_mem=options.etd_p_mem, seed=options.seed)
     trainer = make_trainer()
     trainer.fit(etd_model, datamodule=datamodule)
     metrics = evaluate_with(trainer, etd_model)

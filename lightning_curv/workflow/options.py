@@ -47,6 +47,8 @@ class EditOptions:
         max_drop: Allowed absolute drop per accuracy metric for the selected edit.
         max_increase: Allowed relative increase per metric (perplexity) for the selected edit.
         save_model: Save the selected edit (``export`` format and a Lightning checkpoint).
+        eigen_cache: Eigen file to reuse or write (reused when it was computed from the same factor file);
+            None: ``eigens.safetensors`` in the run directory, so nothing is written beside the inputs.
     """
 
     rho: list[float | dict[str, float]] = field(default_factory=lambda: [0.5, 0.8, 0.9, 0.95, 0.99])
@@ -54,6 +56,7 @@ class EditOptions:
     max_drop: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_MAX_DROP))
     max_increase: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_MAX_INCREASE))
     save_model: bool = True
+    eigen_cache: str | None = None
 
     def __post_init__(self) -> None:
         if not self.rho:

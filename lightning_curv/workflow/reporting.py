@@ -137,6 +137,48 @@ def _cell(column: str, value: Any) -> Any:
     return float(value)
 
 
+def _numeric(row: Mapping[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def sweep_axis(rho: Any, index: int) -> float:
+    """The numeric x value of a sweep row: ρ itself, or the row index for a per-module ρ mapping."""
+    return float(rho) if isinstance(rho, (int, float)) else float(index)
+
+
+def log_sweep(
+    loggers: Sequence[Logger],
+    before: Mapping[str, Any],
+    edits: Sequence[Mapping[str, Any]],
+    selected: Mapping[str, Any] | None,
+) -> None:
+    """Log a ρ sweep as a dashboard: one row per ρ on an ``edit/rho`` axis, ``before/*`` and ``selected/*`` as summary.
+
+    Every logger gets ``edit/rho``, ``edit/<metric>`` and ``edit/module/<name>/<stat>`` once per row (the row index
+    is the step, so charts over the sweep have one point per ρ instead of all at the validation step). W&B runs
+    also plot ``edit/*`` against ``edit/rho`` and carry ``before/*`` and ``selected/*`` (the values written to
+    ``metrics.json``) in their summary.
+    """
+    for logger in loggers:
+        wandb_run = logger.experiment if isinstance(logger, WandbLogger) else None
+        if wandb_run is not None:
+            wandb_run.define_metric("edit/rho")
+            wandb_run.define_metric("edit/*", step_metric="edit/rho")
+        for i, row in enumerate(edits):
+            metrics = {f"edit/{k}": v for k, v in _numeric(row).items()}
+            for name, stats in row.get("per_module", {}).items():
+                metrics.update({f"edit/module/{name}/{k}": float(v) for k, v in stats.items()})
+            metrics["edit/rho"] = sweep_axis(row["rho"], i)
+            logger.log_metrics(metrics, step=i)
+        summary = {f"before/{k}": v for k, v in _numeric(before).items()}
+        if selected is not None:
+            summary.update({f"selected/{k}": v for k, v in _numeric(selected).items()})
+        if wandb_run is not None:
+            wandb_run.summary.update(summary)
+        else:
+            logger.log_metrics(summary)
+
+
 def report_sweep(payload: Mapping[str, Any], run_dir: str | Path, loggers: Sequence[Logger]) -> Path | None:
     """Show an edit sweep: the table and the selection on the console, the trade-off plot as PNG and in W&B.
 
@@ -158,6 +200,7 @@ def report_sweep(payload: Mapping[str, Any], run_dir: str | Path, loggers: Seque
     rank_zero_info("\n" + format_table(rows, columns))
     why = payload.get("criterion") or (selected or {}).get("criterion", "")
     rank_zero_info(f"\nselected: {'none' if selected is None else selected['rho']} ({why})")
+    log_sweep(loggers, before, edits, selected)
     if util is None:
         return None
     png = plot_tradeoff(

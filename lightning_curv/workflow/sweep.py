@@ -1,8 +1,9 @@
 """The ρ sweep of the ``edit`` and ``pipeline`` commands: apply each edit, evaluate, undo; then choose one.
 
 Each edit is a context (``with apply_edit(...)``) around one evaluation, so the weights are restored bit-exactly
-whether the evaluation finishes or fails. The curvature order of every module is sorted once per ρ and kept in a
-mask cache shared by the sweep and the final application of the selected edit.
+whether the evaluation finishes or fails. The pair curvatures of every module are sorted once for all ρ
+(:class:`~lightning_curv.curvature.CurvatureOrder`), and each ρ's mask is kept for the final application of the
+selected edit.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from lightning_curv.curvature import EditHandle, KFACEigen, apply_edit, summarize_stats
+from lightning_curv.curvature import CurvatureOrder, EditHandle, KFACEigen, apply_edit, summarize_stats
 from lightning_curv.curvature.edit import Rho
 from lightning_curv.workflow.selection import select_edit
 
@@ -29,10 +30,11 @@ class RhoSweep:
         self.model = model
         self.eigens = eigens
         self.masks: dict[tuple[str, float], Tensor] = {}
+        self.orders: dict[str, CurvatureOrder] = {}
 
     def edit(self, rho: Rho) -> EditHandle:
         """Apply the edit for ``rho`` now; the handle undoes it (also as a context manager)."""
-        return apply_edit(self.model, self.eigens, rho, masks=self.masks)
+        return apply_edit(self.model, self.eigens, rho, masks=self.masks, orders=self.orders)
 
     def run(self, rhos: Sequence[Rho], evaluate: Callable[[], dict[str, float]]) -> list[dict[str, Any]]:
         """One row per ρ: the edit's statistics (kept pairs, removed energy) and the metrics while it is applied.
@@ -42,13 +44,26 @@ class RhoSweep:
             evaluate: Scores the current weights (stage-less metric keys).
 
         Returns:
-            Rows ``{"rho", "modules", "kept_pairs_fraction", "removed_energy", ...metrics}``.
+            Rows ``{"rho", "modules", "kept_pairs_fraction", "removed_energy", ...metrics, "per_module"}`` where
+            ``per_module`` holds each module's kept-pair share and removed energy.
         """
         rows = []
         for rho in rhos:
             with self.edit(rho) as handle:
                 metrics = evaluate()
-                rows.append({"rho": rho, "modules": list(handle.stats), **summarize_stats(handle.stats), **metrics})
+                per_module = {
+                    name: {"kept_pairs_fraction": st.kept_pairs / st.total_pairs, "removed_energy": st.removed_energy}
+                    for name, st in handle.stats.items()
+                }
+                rows.append(
+                    {
+                        "rho": rho,
+                        "modules": list(handle.stats),
+                        **summarize_stats(handle.stats),
+                        **metrics,
+                        "per_module": per_module,
+                    }
+                )
         return rows
 
 

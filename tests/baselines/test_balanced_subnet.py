@@ -11,8 +11,8 @@ from torch.nn.utils import parametrize
 from torch.testing import assert_close
 
 from lightning_curv.baselines import balanced_subnet, lm_loss, num_masked, score_mask
-from lightning_curv.utils import name_seed
 from lightning_curv.curvature import is_conv1d_like, weight_matrix
+from lightning_curv.utils import name_seed
 from tests.cases import LLAMA_MLP, LM_CASES, lm_batch, tiny_llama
 
 RATIO = 0.05

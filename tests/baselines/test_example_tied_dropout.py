@@ -193,3 +193,54 @@ def test_bad_fractions(p_fixed, p_mem, error):
 def test_pattern_without_mlp_raises():
     with pytest.raises(ValueError, match="matches no MLP block"):
         ExampleTiedDropout.install(tiny_vit(), "blocks.*.attn.q_norm", P_FIXED, P_MEM)
+
+
+class _BatchModule(torch.nn.Module):
+    """A LightningModule-like wrapper: backbone in ``.model``, ``forward`` takes the batch dict."""
+
+    def __init__(self, model=None):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch):
+        return self.model(batch["pixel_values"])
+
+
+def test_add_example_tied_dropout_wires_a_module_from_outside():
+    from lightning_curv.baselines import add_example_tied_dropout
+
+    torch.manual_seed(0)
+    lazy = _BatchModule()
+    wiring = add_example_tied_dropout(lazy, P_FIXED, P_MEM, seed=3)
+    assert wiring.etd is None  # the backbone does not exist yet
+    with pytest.raises(RuntimeError, match="not built"):
+        lazy({"pixel_values": _images(2)})
+    wiring.remove()
+
+    backbone = tiny_vit()
+    module = _BatchModule(backbone).train()
+    wiring = add_example_tied_dropout(module, P_FIXED, P_MEM, seed=3)
+    assert wiring.etd is not None and wiring.etd.layers == LAYERS
+    images, index = _images(4), torch.tensor([5, 1, 9, 2])
+    with torch.no_grad():
+        wired = module({"pixel_values": images, "index": index})
+        with wiring.etd.indices(index):  # the same forward with indices set by hand
+            by_hand = backbone(images)
+    assert_close(wired, by_hand, rtol=0, atol=0)
+    assert wiring.etd._index is None, "indices are cleared after each forward"
+    wiring.remove()
+    with torch.no_grad():
+        backbone(images)  # no hooks left: a training-mode forward without indices works
+    with pytest.raises(ValueError, match="p_fixed"):
+        add_example_tied_dropout(module, 0.0, P_MEM)
+
+
+def test_untrained_copy_keeps_the_architecture_and_drops_the_weights():
+    from lightning_curv.baselines import untrained_copy
+    from lightning_curv.models import LitViT
+
+    base = LitViT(num_classes=3, img_size=8, patch_size=2, in_chans=1, model_kwargs={"embed_dim": 16, "depth": 1})
+    base.hparams["checkpoint"] = "elsewhere.safetensors"
+    copy = untrained_copy(base)
+    assert type(copy) is LitViT and copy.model is None
+    assert copy.hparams["checkpoint"] is None and copy.hparams["model_kwargs"] == base.hparams["model_kwargs"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -11,6 +12,8 @@ from torch.testing import assert_close
 
 from lightning_curv.curvature import collect_factors
 from tests.cases import LLAMA_MLP, lm_batch, split_batch, tiny_llama
+
+pytestmark = pytest.mark.slow  # spawns two Python processes that each import torch and transformers
 
 DDP = {"rtol": 1e-10, "atol": 1e-12}  # float64 sums reduced in a different order
 

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+from unittest.mock import patch
+
 import pytest
 import torch
 from torch.testing import assert_close
 
+import lightning_curv.curvature.edit as edit_module
+from lightning_curv.callbacks import EditCallback
 from lightning_curv.curvature import (
     KFACFactors,
     apply_edit,
@@ -175,20 +180,46 @@ def test_edit_rejects_eigens_of_another_model():
     with pytest.raises(ValueError, match="not in the model"):
         apply_edit(other, eigens, 0.5)
     wider = tiny_llama(num_layers=2)
+    # Layer 0's up_proj no longer fits; gate_proj, before it, does: the edit has written a weight when it fails.
     wider.model.layers[0].mlp.up_proj = torch.nn.Linear(16, 30, bias=False)
+    before = {k: v.clone() for k, v in wider.state_dict().items()}
     with pytest.raises(ValueError, match="does not match eigenbases"):
         apply_edit(wider, eigens, 0.5)
-    # A failed edit leaves no module edited.
-    assert all(torch.isfinite(p).all() for p in wider.parameters())
+    # A failed edit leaves no module edited: every weight is bit-for-bit the original.
+    after = wider.state_dict()
+    assert after.keys() == before.keys()
+    changed = [k for k, v in after.items() if not torch.equal(v, before[k])]
+    assert not changed, f"a failed edit left {changed} edited"
 
 
 def test_masks_cache_reused_in_sweep():
     model = tiny_llama()
     eigens = {n: eigendecompose(f) for n, f in collect_factors(model, [lm_batch()], LLAMA_MLP).items()}
     cache: dict = {}
-    first = apply_edit(model, eigens, 0.5, masks=cache)
-    edited = {n: p.clone() for n, p in model.named_parameters()}
-    first.undo()
-    assert len(cache) == len(eigens)
-    with apply_edit(model, eigens, 0.5, masks=cache):
-        assert all(torch.equal(edited[n], p) for n, p in model.named_parameters())
+    with patch.object(edit_module, "curvature_mask", wraps=edit_module.curvature_mask) as masks_computed:
+        first = apply_edit(model, eigens, 0.5, masks=cache)
+        assert masks_computed.call_count == len(eigens), "an empty cache computes every module's mask once"
+        edited = {n: p.clone() for n, p in model.named_parameters()}
+        first.undo()
+        assert set(cache) == {(n, 0.5) for n in eigens}
+        with apply_edit(model, eigens, 0.5, masks=cache):
+            assert masks_computed.call_count == len(eigens), "a filled cache computes no mask again"
+            assert all(torch.equal(edited[n], p) for n, p in model.named_parameters())
+        with apply_edit(model, eigens, 0.3, masks=cache):
+            assert masks_computed.call_count == 2 * len(eigens), "a new rho computes its own masks"
+        assert set(cache) == {(n, rho) for n in eigens for rho in (0.5, 0.3)}
+
+
+def test_edit_callback_computes_each_mask_once_over_runs():
+    model = tiny_llama()
+    eigens = {n: eigendecompose(f) for n, f in collect_factors(model, [lm_batch()], LLAMA_MLP).items()}
+    callback = EditCallback(rho=0.5, eigens=eigens)
+    pl_module = SimpleNamespace(model=model)
+    originals = {n: p.clone() for n, p in model.named_parameters()}
+    with patch.object(edit_module, "curvature_mask", wraps=edit_module.curvature_mask) as masks_computed:
+        for run in range(3):
+            callback.on_validation_start(None, pl_module)
+            assert any(not torch.equal(originals[n], p) for n, p in model.named_parameters()), run
+            callback.on_validation_end(None, pl_module)
+            assert all(torch.equal(originals[n], p) for n, p in model.named_parameters()), run
+    assert masks_computed.call_count == len(eigens), "the callback keeps its masks across validation runs"

@@ -10,10 +10,14 @@ from torch.testing import assert_close
 
 from lightning_curv.curvature import (
     KFACAccumulator,
+    ModuleHooks,
     causal_lm_step,
     classifier_step,
     collect_factors,
+    load_accumulator_state,
+    load_factors,
     resolve_modules,
+    save_accumulator_state,
     valid_positions,
 )
 from lightning_curv.curvature.kfac import symmetric_accumulate_, symmetrize_upper
@@ -218,6 +222,69 @@ def test_hooks_removed_when_the_step_fails():
         collect_factors(model, [{"attention_mask": torch.ones(1, 3)}], LLAMA_MLP)
     assert all(not m._forward_hooks for m in model.modules())
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_every_submodule_mode_and_flag_restored():
+    model = tiny_llama()
+    model.train()
+    model.model.layers[0].eval()
+    model.model.layers[1].mlp.up_proj.weight.requires_grad_(False)
+    modes = {n: m.training for n, m in model.named_modules()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    seen = []
+    model.model.layers[1].register_forward_hook(lambda m, *a: seen.append(m.training))
+    collect_factors(model, [lm_batch()], LLAMA_MLP)
+    assert seen == [False], "the pass runs in eval mode"
+    assert {n: m.training for n, m in model.named_modules()} == modes
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+
+
+def test_module_hooks_restore_state_on_error_and_start_backward_at_tracked_outputs():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2), nn.Dropout(0.5))
+    model[3].eval()
+    grads = {}
+
+    def on_forward(name, x, output):
+        return lambda grad: grads.__setitem__(name, grad)
+
+    hooks = ModuleHooks(model, ["2"], on_forward, needs_grad=True, purpose="Test")
+    with pytest.raises(RuntimeError, match="boom"), hooks:
+        assert not model.training and not any(p.requires_grad for p in model.parameters())
+        out = model(torch.randn(5, 3))
+        out.sum().backward()
+        raise RuntimeError("boom")
+    assert grads["2"].shape == (5, 2)
+    assert all(p.grad is None for p in model.parameters())
+    assert [m.training for m in model] == [True, True, True, False]
+    assert all(p.requires_grad for p in model.parameters()) and not model[2]._forward_hooks
+    with hooks, pytest.raises(RuntimeError, match="ran 2 times in one forward"):
+        model[2](model[2].weight)  # [2, 4] -> [2, 2]: fine once
+        model[2](model[2].weight)
+    with pytest.raises(ValueError, match="backbone"):
+        ModuleHooks(model, ["nope"])
+
+
+def test_accumulator_state_file_resumes_bit_exactly(tmp_path):
+    model = tiny_llama()
+    batches = [lm_batch(seed=s) for s in range(2)]
+    path = tmp_path / "partial.safetensors"
+    with KFACAccumulator(model, LLAMA_MLP) as full:
+        for b in batches:
+            causal_lm_step(model, b, full, seed=1)
+    with KFACAccumulator(model, LLAMA_MLP) as first:
+        causal_lm_step(model, batches[0], first, seed=1)
+    save_accumulator_state(path, first.state_dict(), {"fingerprint": "abc", "batches_done": 1})
+    state, header = load_accumulator_state(path)
+    assert header["fingerprint"] == "abc" and header["batches_done"] == 1
+    with KFACAccumulator(model, LLAMA_MLP) as resumed:
+        resumed.load_state_dict(state)
+        causal_lm_step(model, batches[1], resumed, seed=1)
+    want, got = full.finalize(), resumed.finalize()
+    for name, f in want.items():
+        assert got[name].num_samples == f.num_samples
+        assert torch.equal(got[name].A, f.A) and torch.equal(got[name].G, f.G)
+    with pytest.raises(ValueError, match="load_accumulator_state"):
+        load_factors(path)
 
 
 def test_max_tokens_budget_is_exact():

@@ -253,7 +253,9 @@ def test_cache_is_reused_and_keyed_by_content(tmp_path, tokenizer_dir, monkeypat
     corpus = tmp_path / "corpus.txt"
     first = make(tmp_path, tokenizer_dir, data_files=write_lines(corpus, DOCS))
     first_path = first.cache_path
-    assert first_path.exists()
+    assert first_path.exists() and first.blocks_path("train").exists()
+    datasets_dir = tmp_path / "cache" / "datasets"
+    files_after_first = {p: p.stat().st_mtime_ns for p in datasets_dir.rglob("*") if p.is_file()}
 
     real = TextDataModule.tokenize_corpus
 
@@ -261,12 +263,18 @@ def test_cache_is_reused_and_keyed_by_content(tmp_path, tokenizer_dir, monkeypat
         raise AssertionError("tokenize_corpus() must not run when the cache exists")
 
     monkeypatch.setattr(TextDataModule, "tokenize_corpus", fail)
-    second = make(tmp_path, tokenizer_dir, data_files=str(corpus), block_size=64)  # block size is cut at load
+    second = make(tmp_path, tokenizer_dir, data_files=str(corpus))
     assert second.cache_path == first_path
-    assert torch.cat([second.train_dataset[i]["input_ids"] for i in range(len(second.train_dataset))]).tolist() == (
-        torch.cat([first.train_dataset[i]["input_ids"] for i in range(len(first.train_dataset))]).tolist()
-    )
+    stream = lambda dm: torch.cat([dm.train_dataset[i]["input_ids"] for i in range(len(dm.train_dataset))]).tolist()  # noqa: E731
+    assert stream(second) == stream(first)
+    # Another block size packs again, but the tokenized documents come from datasets' fingerprint cache.
+    monkeypatch.setattr(TextDataModule, "tokenize_corpus", real)
+    repacked = make(tmp_path, tokenizer_dir, data_files=str(corpus), block_size=64)
+    assert repacked.cache_path != first_path and stream(repacked) == stream(first)
+    assert len(repacked.train_dataset) > len(first.train_dataset)
+    assert {p: p.stat().st_mtime_ns for p in datasets_dir.rglob("*") if p.is_file()} == files_after_first
     # Editing the corpus changes the key, so the stale cache is not used.
+    monkeypatch.setattr(TextDataModule, "tokenize_corpus", fail)
     write_lines(corpus, DOCS[:50])
     os.utime(corpus, ns=(1, 1))
     third = TextDataModule(tokenizer=tokenizer_dir, data_files=str(corpus), cache_dir=str(tmp_path / "cache"))

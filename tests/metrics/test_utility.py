@@ -4,7 +4,13 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from lightning_curv.metrics import NDCGMetric, PerplexityMetric, reference_topk, summed_token_loss
+from lightning_curv.metrics import (
+    BatchMeanPerplexity,
+    NDCGMetric,
+    TokenPerplexity,
+    reference_topk,
+    summed_token_loss,
+)
 
 EXACT = {"rtol": 0.0, "atol": 1e-12}
 # float32 cross-entropy of a uniform model, exponentiated.
@@ -16,13 +22,35 @@ def _scalar(value: float) -> torch.Tensor:
     return torch.tensor(value, dtype=torch.float64)
 
 
+class _Both:
+    """Token-weighted and batch-mean perplexity fed the same batches; ``compute`` as the module reports them."""
+
+    def __init__(self) -> None:
+        self.token, self.batch = TokenPerplexity(), BatchMeanPerplexity()
+
+    def update(self, loss_sum, num_tokens) -> None:
+        self.token.update(loss_sum, num_tokens)
+        self.batch.update(loss_sum, num_tokens)
+
+    def merge_state(self, other: "_Both") -> None:
+        self.token.merge_state(other.token)
+        self.batch.merge_state(other.batch)
+
+    def reset(self) -> None:
+        self.token.reset()
+        self.batch.reset()
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        return {"ppl": self.token.compute(), "ppl_batch_mean": self.batch.compute(), "loss": self.token.mean_loss()}
+
+
 def test_perplexity_of_uniform_model_is_vocab_size():
     vocab = 37
     labels = torch.randint(0, vocab, (3, 9))
     labels[0, 5:] = -100
     labels[2, :3] = -100
     logits = torch.zeros(3, 9, vocab)
-    metric = PerplexityMetric()
+    metric = _Both()
     for row in range(3):  # batches with different token counts
         metric.update(*summed_token_loss(logits[row : row + 1], labels[row : row + 1]))
     out = metric.compute()
@@ -46,7 +74,7 @@ def test_summed_token_loss_matches_hf_mean_loss():
 
 
 def test_token_weighted_and_batch_mean_perplexity_differ():
-    metric = PerplexityMetric()
+    metric = _Both()
     metric.update(torch.tensor(2.0), 2)  # mean loss 1 over 2 tokens
     metric.update(torch.tensor(3.0), 1)  # mean loss 3 over 1 token
     metric.update(torch.tensor(0.0), 0)  # empty batch: skipped
@@ -58,7 +86,7 @@ def test_token_weighted_and_batch_mean_perplexity_differ():
 
 
 def test_perplexity_merge_and_reset():
-    whole, rank0, rank1 = PerplexityMetric(), PerplexityMetric(), PerplexityMetric()
+    whole, rank0, rank1 = _Both(), _Both(), _Both()
     batches = [(torch.tensor(4.0), 2), (torch.tensor(1.5), 3), (torch.tensor(9.0), 4)]
     for loss_sum, n in batches:
         whole.update(loss_sum, n)

@@ -352,12 +352,30 @@ def test_cli_pipeline_writes_the_vision_metric_keys(tmp_path) -> None:
 
 
 # ---------------------------------------------------------------------------- example-tied dropout
-def test_example_tied_dropout_copy_trains_and_drops_memorization_channels() -> None:
+def test_models_import_neither_callbacks_nor_baselines() -> None:
+    import ast
+    from pathlib import Path
+
+    import lightning_curv.models as models
+
+    for path in Path(models.__file__).parent.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        names = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 0]
+        names += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        bad = [n for n in names if n.startswith(("lightning_curv.baselines", "lightning_curv.callbacks"))]
+        assert not bad, f"{path.name} imports {bad}"
+
+
+def test_example_tied_dropout_is_wired_from_outside() -> None:
+    from lightning_curv.baselines import add_example_tied_dropout, untrained_copy
+
     base = built(tiny_vit())
-    etd_model = base.with_example_tied_dropout(p_fixed=0.5, p_mem=0.25, seed=1)
-    assert etd_model.model is None and etd_model.hparams["example_tied_dropout"]["p_mem"] == 0.25
+    etd_model = untrained_copy(base)
+    assert isinstance(etd_model, LitViT) and etd_model.model is None
+    wiring = add_example_tied_dropout(etd_model, p_fixed=0.5, p_mem=0.25, seed=1)
+    assert wiring.etd is None  # installed once configure_model has built the backbone
     trainer(max_steps=2).fit(etd_model, datamodule=digits())
-    etd = etd_model.etd
+    etd = wiring.etd
     assert etd is not None and etd.layers == ["blocks.0.mlp.fc2", "blocks.1.mlp.fc2"]
     hidden = {}
     handle = etd_model.model.blocks[0].mlp.fc2.register_forward_pre_hook(lambda m, args: hidden.update(x=args[0]))
@@ -368,8 +386,9 @@ def test_example_tied_dropout_copy_trains_and_drops_memorization_channels() -> N
     fixed = etd.num_fixed("blocks.0.mlp.fc2")
     assert torch.all(hidden["x"][..., fixed:] == 0), "evaluation drops every memorization channel"
     assert torch.any(hidden["x"][..., :fixed] != 0)
-    with pytest.raises(ValueError, match="p_fixed, p_mem and seed"):
-        tiny_vit(example_tied_dropout={"p": 0.1})
+    wiring.remove()
+    with torch.no_grad():
+        etd_model.model(torch.randn(3, 1, 8, 8))  # no hooks left: no error, every channel on
 
 
 def test_cli_compare_on_vit_includes_example_tied_dropout(tmp_path) -> None:
