@@ -137,6 +137,11 @@ class CurvTrainer(Trainer):
     ) -> Path:
         """Collect K-FAC factors of the model's MLP layers in one pass over the training data.
 
+        Progress (samples, samples per second, peak memory) goes to the Trainer's loggers during the pass;
+        ``metrics.json`` gets the final ``tokens_per_second`` (samples of this run over all devices per second of the
+        pass) and ``peak_memory_bytes`` (the largest over devices: CUDA memory allocated, or the process's maximum
+        resident set size on CPU).
+
         Args:
             model: The LightningModule (any ``from_pretrained`` model or a checkpoint).
             datamodule: Data module whose ``predict_dataloader()`` yields the training data, unshuffled.
@@ -156,6 +161,7 @@ class CurvTrainer(Trainer):
             mode=options.mode,
             dtype=options.dtype,
             output=options.output,
+            save_every_minutes=options.save_every_minutes,
             save_every_n_batches=options.save_every_n_batches,
             metadata={"data": _describe(datamodule), "model_source": _describe(model)},
         )
@@ -175,6 +181,8 @@ class CurvTrainer(Trainer):
             "num_samples": next(iter(callback.factors.values())).num_samples,
             "fisher": options.fisher,
             "seconds": round(time.perf_counter() - start, 2),
+            "tokens_per_second": callback.summary["tokens_per_second"],
+            "peak_memory_bytes": callback.summary["peak_memory_bytes"],
         }
         self.write_metrics(self.collect_summary)
         return callback.output_path
@@ -309,21 +317,21 @@ class CurvTrainer(Trainer):
         require_file(ckpt_path, "checkpoint", _CKPT_HINT)
         metrics = self.evaluate_metrics(model, datamodule, ckpt_path)  # loads the weights, sets up the data
         eigens = self.prepare_eigens(model, factors)
-        head = getattr(model, "head_position", None)
-        payload = analyze_model(
-            model.model,
-            eigens,
-            datamodule.collect_dataloader(),
-            memorization_labels(datamodule),
-            self.run_dir,
-            task="classifier" if callable(head) else "causal_lm",
-            position=head() if callable(head) else None,
-            rhos=options.rhos,
-            max_batches=options.max_batches,
-            with_gradients=options.gradient_scores,
-        )
-        payload = {"command": "analyze", "metrics": metrics, **payload}
-        if self.is_global_zero:
+        payload: dict[str, Any] = {"command": "analyze", "metrics": metrics}
+        if self.is_global_zero:  # a forward-only pass over the training rows: one process does it, no collectives
+            head = getattr(model, "head_position", None)
+            payload |= analyze_model(
+                model.model,
+                eigens,
+                datamodule.collect_dataloader(),
+                memorization_labels(datamodule),
+                self.run_dir,
+                task="classifier" if callable(head) else "causal_lm",
+                position=head() if callable(head) else None,
+                rhos=options.rhos,
+                max_batches=options.max_batches,
+                with_gradients=options.gradient_scores,
+            )
             report_analysis(payload, self.run_dir, self.loggers)
         self.write_metrics(payload)
         return payload

@@ -2,8 +2,8 @@
 
 Deliberately simple and slow: no hooks on shared state, no masking tricks, no symmetric blocks. Nothing here
 imports the implementation's sampler or seeding: the true-Fisher targets are redrawn from the documented contract
-(:func:`reference_row_seed`, :func:`reference_sample`), and :func:`analytic_true_fisher_G` gives the expectation
-of the true-Fisher ``G`` without drawing anything.
+(:func:`reference_row_seed`, :func:`reference_uniform`, :func:`reference_sample`) in plain Python integers and
+floats, and :func:`analytic_true_fisher_G` gives the expectation of the true-Fisher ``G`` without drawing anything.
 """
 
 from __future__ import annotations
@@ -27,14 +27,32 @@ def reference_row_seed(seed: int, index: int) -> int:
     return (z ^ (z >> 31)) & ((1 << 63) - 1)
 
 
-def reference_sample(logits: torch.Tensor, seed: int) -> torch.Tensor:
-    """The documented true-Fisher draw of one row's positions: Gumbel-max over a seeded CPU generator.
+def reference_uniform(seed: int, index: int, position: int) -> float:
+    """The documented uniform of one sample: output ``position + 1`` of splitmix64 seeded with the row seed.
 
-    One float32 uniform per logit (``torch.rand`` of the logits' shape ``[n, V]`` from a ``torch.Generator``
-    seeded with ``seed``), turned into Gumbel noise ``-log(-log u)`` and added to the logits in float64.
+    Python integers throughout: the state is ``reference_row_seed(seed, index) + (position + 1) · 0x9E3779B97F4A7C15
+    (mod 2⁶⁴)``, mixed by the splitmix64 finalizer; its top 53 bits over ``2⁵³`` give ``u`` in ``[0, 1)``.
     """
-    u = torch.rand(logits.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
-    return (logits.double() - torch.log(-torch.log(u.double()))).argmax(dim=-1)
+    z = (reference_row_seed(seed, index) + (position + 1) * 0x9E3779B97F4A7C15) & _MASK64
+    for shift, mult in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):
+        z = ((z ^ (z >> shift)) * mult) & _MASK64
+    z ^= z >> 31
+    return (z >> 11) / 2.0**53
+
+
+def reference_sample(logits: torch.Tensor, uniforms: list[float]) -> torch.Tensor:
+    """The documented true-Fisher draw: inverse CDF of the float64 softmax, one class per row of ``[n, V]`` logits.
+
+    Row ``i`` takes the first class ``k`` whose running sum of probabilities exceeds ``u_i`` times the total.
+    """
+    out = []
+    for row, u in zip(torch.softmax(logits.double(), dim=-1).tolist(), uniforms, strict=True):
+        running = [0.0]
+        for p in row:
+            running.append(running[-1] + p)
+        x = u * running[-1]
+        out.append(next((k for k in range(len(row)) if x < running[k + 1]), len(row) - 1))
+    return torch.tensor(out, dtype=torch.long)
 
 
 def _capture(model: nn.Module, names: list[str]):
@@ -60,15 +78,29 @@ def _row(batch: dict[str, torch.Tensor], row: int) -> tuple[torch.Tensor, list[i
 
 
 def reference_lm_factors(
-    model: nn.Module, batch: dict[str, torch.Tensor], names: list[str], fisher: str, seed: int = 0
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    names: list[str],
+    fisher: str,
+    seed: int = 0,
+    max_samples: int | None = None,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor, int]]:
-    """``(A, G, n)`` per module from one sequence at a time (the model should be float64)."""
+    """``(A, G, n)`` per module from one sequence at a time (the model should be float64).
+
+    With ``max_samples``, the data ends after that many sample positions (rows in order, positions in order): the
+    row where the budget runs out is cut right after its last counted position, later rows are dropped.
+    """
     sums = {n: [0.0, 0.0, 0] for n in names}
+    left = max_samples
     for row in range(batch["input_ids"].shape[0]):
         ids, positions = _row(batch, row)
         labels = batch["labels"][row][batch["attention_mask"][row].bool()]
+        if left is not None:
+            positions = positions[:left]
+            left -= len(positions)
         if not positions:
             continue
+        ids = ids[:, : positions[-1] + 2]  # the data ends after the last counted position's target
         store, handles = _capture(model, names)
         try:
             logits = model(input_ids=ids).logits[0].double()  # [L, V]
@@ -79,7 +111,8 @@ def reference_lm_factors(
         if fisher == "empirical":
             targets = labels[pos + 1]
         else:
-            targets = reference_sample(logits[pos].detach(), reference_row_seed(seed, int(batch["index"][row])))
+            index = int(batch["index"][row])
+            targets = reference_sample(logits[pos].detach(), [reference_uniform(seed, index, t) for t in positions])
         loss = F.cross_entropy(logits[pos], targets, reduction="sum")
         loss.backward()
         for name in names:

@@ -378,3 +378,21 @@ def test_default_logger_is_offline_wandb_with_tables_and_images(fitted, collecte
         assert rows[rho]["util/ppl"] == pytest.approx(edit["util/ppl"])
         assert rows[rho]["removed_energy"] == pytest.approx(edit["removed_energy"])
     assert rows["before"]["util/ppl"] == pytest.approx(metrics["before"]["util/ppl"])
+
+
+def test_the_whole_config_reaches_the_logger(fitted, tmp_path):
+    import yaml
+
+    fit_dir, cache = fitted
+    out = tmp_path / "eval"
+    main([
+        "evaluate", "--config", TINY, "--run_dir", str(out), "--data.init_args.cache_dir", str(cache),
+        "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", str(out / "csv"),
+        "--ckpt_path", str(fit_dir / "checkpoints" / "final.ckpt"), "--edit.rho", "[0.42]",
+    ])  # fmt: skip
+    (hparams,) = (out / "csv").rglob("hparams.yaml")
+    logged = yaml.safe_load(hparams.read_text())
+    assert {"model", "data", "trainer", "collect", "edit", "compare", "analyze", "plan"} <= set(logged)
+    assert logged["edit"]["rho"] == [0.42]
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert {k: logged[k] for k in config} == config  # every section as written to config.yaml

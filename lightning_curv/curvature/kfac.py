@@ -36,7 +36,6 @@ from torch import Tensor, nn
 from lightning_curv.curvature.constants import FISHER_TYPES, IGNORE_INDEX, FisherType
 from lightning_curv.curvature.hooks import Attachable, GradHook, ModuleHooks
 from lightning_curv.curvature.modules import layer_dims, resolve_modules
-from lightning_curv.utils import row_seed
 
 #: Which positions of a layer's ``[..., d]`` input count as samples: a boolean mask over the leading
 #: dimensions, an integer position along dimension 1 (CLS-only mode), or None for every position.
@@ -335,61 +334,115 @@ def valid_positions(attention_mask: Tensor, labels: Tensor | None = None) -> Ten
     return valid
 
 
-def sample_from_logits(logits: Tensor, generator: torch.Generator) -> Tensor:
-    """One sample per row of ``softmax(logits)`` by the Gumbel-max trick.
+#: splitmix64 constants: the stream increment (golden ratio) and the two multipliers of the output mix.
+_GOLDEN = 0x9E3779B97F4A7C15
+_MIX1, _MIX2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
 
-    The random stream consumed depends only on the shape of ``logits``, so the draw for a row group does not
-    depend on what else is in the batch.
+
+def _as_int64(value: int) -> int:
+    """The int64 with the bits of ``value mod 2⁶⁴`` (two's complement)."""
+    value &= (1 << 64) - 1
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _shr(z: Tensor, shift: int) -> Tensor:
+    """Logical right shift of int64 bit patterns (``>>`` on int64 is arithmetic)."""
+    return (z >> shift) & ((1 << (64 - shift)) - 1)
+
+
+def _mix64(z: Tensor) -> Tensor:
+    """The splitmix64 output mix of int64 bit patterns (products wrap modulo 2⁶⁴)."""
+    z = (z ^ _shr(z, 30)) * _as_int64(_MIX1)
+    z = (z ^ _shr(z, 27)) * _as_int64(_MIX2)
+    return z ^ _shr(z, 31)
+
+
+def position_uniforms(seed: int, index: Tensor, position: Tensor) -> Tensor:
+    """One uniform in ``[0, 1)`` per sample, a pure function of ``(seed, dataset index, position)``.
+
+    The contract (``tests/reference.py`` re-implements it): with all arithmetic modulo 2⁶⁴,
+
+    * the row key is ``k = mix(seed · 0x9E3779B97F4A7C15 + (index + 1) · 0xBF58476D1CE4E5B9)`` with its top bit
+      cleared (the value of :func:`lightning_curv.utils.row_seed`);
+    * the uniform of ``position`` ``t`` is ``u = (mix(k + (t + 1) · 0x9E3779B97F4A7C15) >> 11) · 2⁻⁵³``, the
+      ``(t + 1)``-th output of a splitmix64 generator seeded with ``k``, reduced to its top 53 bits;
+
+    where ``mix(z)`` is the splitmix64 finalizer ``z ^= z >> 30; z *= 0xBF58476D1CE4E5B9; z ^= z >> 27;
+    z *= 0x94D049BB133111EB; z ^= z >> 31`` (logical shifts). No random generator is involved, and the integers
+    are hashed on CPU, so the uniforms depend neither on batching nor on the device.
+
+    Args:
+        seed: Base seed.
+        index: Dataset index of each sample's row, integer tensor of shape ``[n]``.
+        position: Position of each sample within its row, integer tensor of shape ``[n]``.
+
+    Returns:
+        float64 uniforms of shape ``[n]`` on CPU.
+    """
+    index = index.detach().to("cpu", torch.int64)
+    position = position.detach().to("cpu", torch.int64)
+    key = _mix64(_as_int64(seed * _GOLDEN) + (index + 1) * _as_int64(_MIX1)) & ((1 << 63) - 1)  # [n]
+    z = _mix64(key + (position + 1) * _as_int64(_GOLDEN))
+    return _shr(z, 11).to(torch.float64) * 2.0**-53
+
+
+def sample_from_logits(logits: Tensor, uniforms: Tensor) -> Tensor:
+    """Inverse-CDF draw of one class per row of ``softmax(logits)``, in float64.
+
+    With ``p = softmax(logits.double())`` and ``c = cumsum(p)``, row ``i`` draws the smallest ``k`` with
+    ``u_i · c_{V-1} < c_k`` (``u`` scaled by the computed total so round-off in the sum never leaves it past the
+    last class; classes of probability zero are never drawn).
 
     Args:
         logits: Logits of shape ``[n, V]``.
-        generator: Random generator on ``logits.device``.
+        uniforms: Uniforms in ``[0, 1)`` of shape ``[n]`` (see :func:`position_uniforms`).
 
     Returns:
-        Sampled class indices of shape ``[n]``.
+        Class indices of shape ``[n]`` on ``logits.device``.
     """
-    u = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=torch.float32)
-    gumbel = -torch.log(-torch.log(u.clamp_min(torch.finfo(torch.float32).tiny)))
-    return (logits.float() + gumbel).argmax(dim=-1)
+    cdf = torch.softmax(logits.detach().double(), dim=-1).cumsum(dim=-1)  # [n, V]
+    u = uniforms.to(cdf.device, torch.float64)[:, None] * cdf[:, -1:]  # [n, 1]
+    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_max(logits.shape[-1] - 1)
 
 
 def fisher_targets(
     logits: Tensor,
     data_targets: Tensor,
-    groups: Sequence[Tensor],
     *,
     fisher: FisherType,
     seed: int,
     index: Tensor | None,
-    generator: torch.Generator | None,
+    position: Tensor,
 ) -> Tensor:
     """Targets of the loss whose gradients define ``G``.
+
+    True-Fisher targets are seeded per sample from ``(seed, dataset index, position)`` (see
+    :func:`position_uniforms` and :func:`sample_from_logits`): the same row gets the same targets whatever the
+    batch it comes in, its padding, the process that reads it and the device type.
 
     Args:
         logits: Logits at the sample positions, shape ``[n, V]``.
         data_targets: Data labels at the same positions, shape ``[n]``.
-        groups: For each row of the batch, the indices (into the ``n`` samples) of its positions.
         fisher: ``"empirical"`` returns ``data_targets``; ``"true"`` samples from ``softmax(logits)``.
         seed: Base seed of the true Fisher.
-        index: Dataset index of each batch row, shape ``[B]``; with it each row draws from its own generator
-            seeded by ``(seed, index)``, independent of batching and devices.
-        generator: Generator used in batch order when ``index`` is None.
+        index: Dataset index of each sample's row, shape ``[n]`` (required for the true Fisher).
+        position: Position of each sample within its row, shape ``[n]`` (the token column of a right-padded LM
+            batch; 0 for a classifier).
 
     Returns:
         Targets of shape ``[n]``.
+
+    Raises:
+        ValueError: If the true Fisher is asked for without row indices.
     """
     if fisher == "empirical":
         return data_targets
-    targets = torch.empty_like(data_targets)
-    for row, positions in enumerate(groups):
-        if positions.numel() == 0:
-            continue
-        if index is not None:
-            gen = torch.Generator(device=logits.device).manual_seed(row_seed(seed, int(index[row])))
-        else:
-            gen = generator
-        targets[positions] = sample_from_logits(logits[positions], gen)
-    return targets
+    if index is None:
+        raise ValueError(
+            "The true Fisher seeds its targets by dataset row: the batch needs an `index` tensor of shape [B] (the "
+            "data modules of lightning_curv add it; collect_factors numbers rows in order when it is missing)."
+        )
+    return sample_from_logits(logits, position_uniforms(seed, index, position))
 
 
 def _upcast(t: Tensor) -> Tensor:
@@ -403,12 +456,34 @@ def _check_fisher(fisher: str) -> None:
 
 
 def _trim_to_budget(mask: Tensor, budget: int | None) -> Tensor:
-    """Keep only the first ``budget`` True entries of ``mask`` in row-major order."""
+    """Keep only the first ``budget`` True entries of ``mask`` in row-major order (rows, then positions in order)."""
     if budget is None or int(mask.sum()) <= budget:
         return mask
     flat = mask.flatten()
     keep = flat & (flat.cumsum(0) <= budget)
     return keep.view_as(mask)
+
+
+def budget_prefix(sample_counts: Iterable[int], budget: int | None) -> tuple[int, int | None]:
+    """How many leading rows hold the first ``budget`` samples of a dataset, and how many of the last row count.
+
+    Args:
+        sample_counts: Samples of each row, in dataset order (read lazily: only the prefix is consumed).
+        budget: Sample budget; None takes everything.
+
+    Returns:
+        ``(num_rows, last_row_samples)``: the rows that the budget reaches and the samples of its last row that
+        fit (None when the budget is None or the data ends first: every row counts whole).
+    """
+    rows = total = 0
+    for count in sample_counts:
+        if budget is not None and total >= budget:
+            break
+        rows += 1
+        total += count
+        if budget is not None and total >= budget:
+            return rows, count - (total - budget)
+    return rows, None
 
 
 def causal_lm_step(
@@ -418,19 +493,22 @@ def causal_lm_step(
     *,
     fisher: FisherType = "true",
     seed: int = 0,
-    generator: torch.Generator | None = None,
     max_samples: int | None = None,
 ) -> int:
     """One K-FAC step of a causal LM in token "expand" mode: forward, summed next-token loss, backward.
 
+    With ``max_samples`` only the first that many valid positions count, rows in order and positions in order
+    within a row; positions past the budget also leave the loss (as if the data ended there), and rows with none
+    left are not run at all.
+
     Args:
         model: A Hugging Face causal LM (``model(input_ids=..., attention_mask=...).logits``).
-        batch: ``input_ids`` ``[B, T]``, optional ``attention_mask`` ``[B, T]``, ``labels`` ``[B, T]`` (-100 =
-            no target) and ``index`` ``[B]``.
+        batch: ``input_ids`` ``[B, T]`` (right-padded), optional ``attention_mask`` ``[B, T]``, ``labels``
+            ``[B, T]`` (-100 = no target) and ``index`` ``[B]`` (the dataset row of each batch row; required for
+            the true Fisher).
         accumulator: The attached accumulator.
         fisher: ``"true"`` (targets sampled from the model) or ``"empirical"`` (the next data token).
-        seed: Base seed of the true Fisher.
-        generator: Generator used when the batch has no ``index``.
+        seed: Base seed of the true Fisher (see :func:`fisher_targets`).
         max_samples: Count at most this many positions (the rest of a token budget).
 
     Returns:
@@ -441,26 +519,29 @@ def causal_lm_step(
     attention_mask = batch.get("attention_mask")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    labels = batch.get("labels")
+    labels, index = batch.get("labels"), batch.get("index")
     valid = _trim_to_budget(valid_positions(attention_mask, labels), max_samples)  # [B, T]
     n = int(valid.sum())
     if n == 0:
         return 0
+    rows_used = int(valid.any(dim=1).nonzero().max()) + 1
+    if rows_used < valid.shape[0]:  # rows past the budget: not run
+        valid, input_ids, attention_mask = valid[:rows_used], input_ids[:rows_used], attention_mask[:rows_used]
+        labels = labels[:rows_used] if labels is not None else None
+        index = index[:rows_used] if index is not None else None
     accumulator.select(valid)
     next_tokens = (labels if labels is not None else input_ids).roll(-1, dims=1)  # target of position t is t+1
+    rows, positions = valid.nonzero(as_tuple=True)  # [n] each, row-major like logits[valid]
     with torch.enable_grad():
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
         logits = _upcast(logits[valid])  # [n, V]
-        rows = valid.nonzero()[:, 0]
-        groups = [torch.nonzero(rows == r).flatten() for r in range(valid.shape[0])]
         targets = fisher_targets(
-            logits.detach(),
+            logits,
             next_tokens[valid],
-            groups,
             fisher=fisher,
             seed=seed,
-            index=batch.get("index"),
-            generator=generator,
+            index=index.to(rows.device)[rows] if index is not None else None,
+            position=positions,
         )
         F.cross_entropy(logits, targets, reduction="sum").backward()
     return n
@@ -474,7 +555,6 @@ def classifier_step(
     position: int | None = 0,
     fisher: FisherType = "true",
     seed: int = 0,
-    generator: torch.Generator | None = None,
     max_samples: int | None = None,
     input_key: str = "pixel_values",
     label_key: str = "labels",
@@ -483,14 +563,14 @@ def classifier_step(
 
     Args:
         model: Maps ``batch[input_key]`` to logits of shape ``[B, C]``.
-        batch: Inputs, labels ``[B]`` and optional ``index`` ``[B]``.
+        batch: Inputs, labels ``[B]`` and ``index`` ``[B]`` (the dataset row of each input; required for the true
+            Fisher, whose target of an input is drawn at position 0 of its row, see :func:`fisher_targets`).
         accumulator: The attached accumulator.
         position: Token position whose statistics count (0: a ViT's class token) or None when the tracked layers
-            see ``[B, d]`` inputs.
+            see ``[B, d]`` inputs (or every token counts).
         fisher: ``"true"`` (labels sampled from the model) or ``"empirical"`` (the data labels).
         seed: Base seed of the true Fisher.
-        generator: Generator used when the batch has no ``index``.
-        max_samples: Count at most this many inputs.
+        max_samples: Count at most this many inputs (the first ones).
         input_key: Batch key of the model input.
         label_key: Batch key of the data labels (the empirical-Fisher targets).
 
@@ -508,9 +588,13 @@ def classifier_step(
     accumulator.select(position)
     with torch.enable_grad():
         logits = _upcast(model(inputs))  # [B, C]
-        groups = [torch.tensor([r], device=logits.device) for r in range(logits.shape[0])]
         targets = fisher_targets(
-            logits.detach(), labels, groups, fisher=fisher, seed=seed, index=index, generator=generator
+            logits,
+            labels,
+            fisher=fisher,
+            seed=seed,
+            index=index,
+            position=torch.zeros(logits.shape[0], dtype=torch.long),
         )
         F.cross_entropy(logits, targets, reduction="sum").backward()
     return int(inputs.shape[0])
@@ -533,7 +617,7 @@ def collect_factors(
     summed next-token cross-entropy. The model is put in eval mode for the pass (every submodule's own flag is
     restored at the end), no parameter gradient is computed, and all hooks are removed at the end. Under
     ``torch.distributed`` sums and counts are all-reduced, so every rank returns the factors of the union of the
-    shards.
+    shards. A batch without ``index`` has its rows numbered in the order they arrive (0, 1, ... over the pass).
 
     Args:
         model: A causal LM called as ``model(input_ids=..., attention_mask=...)`` returning ``.logits``.
@@ -542,21 +626,26 @@ def collect_factors(
         fisher: ``"true"`` (sampled targets, the default) or ``"empirical"`` (data targets).
         seed: Seed of the true-Fisher targets.
         dtype: Accumulation dtype (float32 or float64).
-        max_tokens: Stop after this many positions (per process).
+        max_tokens: Count the first this many positions of ``batches`` (rows in order, positions in order) and
+            stop iterating; per process (give each process its rows of a global prefix).
         block_size: Block edge of the symmetric accumulation.
 
     Returns:
         Factors keyed by module name.
     """
     _check_fisher(fisher)
+    rows_seen = 0
     with KFACAccumulator(model, modules, dtype=dtype, block_size=block_size, eval_mode=True) as acc:
         device = next(model.parameters()).device
-        generator = torch.Generator(device=device).manual_seed(seed)
         for batch in batches:
             remaining = None if max_tokens is None else max_tokens - acc.num_samples
             if remaining is not None and remaining <= 0:
                 break
             batch = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in batch.items()}
-            causal_lm_step(model, batch, acc, fisher=fisher, seed=seed, generator=generator, max_samples=remaining)
+            num_rows = batch["input_ids"].shape[0]
+            if "index" not in batch:
+                batch["index"] = torch.arange(rows_seen, rows_seen + num_rows, device=device)
+            rows_seen += num_rows
+            causal_lm_step(model, batch, acc, fisher=fisher, seed=seed, max_samples=remaining)
         acc.all_reduce()
         return acc.finalize()

@@ -204,27 +204,40 @@ def generation_to_lm_rows(dataset: Dataset) -> RowDataset:
 
 
 class UnpaddedDistributedSampler(DistributedSampler):
-    """Every row exactly once over the processes: rank ``r`` of ``R`` takes rows ``r, r + R, ...``.
+    """Every row exactly once over the processes, in whole batches: rank ``r`` of ``R`` takes batches ``r, r + R, ...``.
 
     ``DistributedSampler`` pads each rank's share to equal length with repeated rows, which biases evaluation
-    metrics (a 500-row set becomes 504). Evaluation needs no equal shares: torchmetrics sums states over ranks
-    at ``compute``. (Lightning has the same sampler for its predict loop, but only as a private class.)
+    metrics (a 500-row set becomes 504), and interleaves rows, which changes the batches. Here each rank reads the
+    same batches a single process would read (same padding, so the same generations and per-batch values), and
+    torchmetrics sums the states over ranks at ``compute``; shares may differ by one batch. (Lightning has an
+    unpadded sampler for its predict loop, but only as a private class, and it interleaves rows.)
+
+    Args:
+        dataset: The rows.
+        batch_size: Rows per batch of the loader this sampler feeds.
+        num_replicas: Number of processes; None: the process group's world size.
+        rank: This process's rank; None: from the process group.
     """
 
-    def __init__(self, dataset: Dataset) -> None:
-        super().__init__(dataset, shuffle=False, drop_last=False)
+    def __init__(
+        self, dataset: Dataset, batch_size: int, num_replicas: int | None = None, rank: int | None = None
+    ) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+        n = len(dataset)
+        starts = range(self.rank * batch_size, n, self.num_replicas * batch_size)
+        self.indices = [i for start in starts for i in range(start, min(start + batch_size, n))]
 
     def __iter__(self) -> Iterator[int]:
-        return iter(range(self.rank, len(self.dataset), self.num_replicas))
+        return iter(self.indices)
 
     def __len__(self) -> int:
-        return len(range(self.rank, len(self.dataset), self.num_replicas))
+        return len(self.indices)
 
 
-def eval_sampler(dataset: Dataset) -> Sampler | None:
+def eval_sampler(dataset: Dataset, batch_size: int) -> Sampler | None:
     """An :class:`UnpaddedDistributedSampler` in a multi-process job (Lightning keeps it), else None."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return UnpaddedDistributedSampler(dataset)
+        return UnpaddedDistributedSampler(dataset, batch_size)
     return None
 
 
@@ -264,7 +277,7 @@ def build_loader(
         dataset,
         batch_size=batch_size,
         shuffle=shuffle,
-        sampler=eval_sampler(dataset) if shard and not shuffle else None,
+        sampler=eval_sampler(dataset, batch_size) if shard and not shuffle else None,
         generator=torch.Generator().manual_seed(seed) if shuffle else None,
         collate_fn=partial(collate, pad_token_id=pad_token_id),
         num_workers=num_workers,

@@ -45,7 +45,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from typing_extensions import override
 
 from lightning_curv.data.base import EvalSet
@@ -627,15 +627,34 @@ class NoisyLabelImageDataModule(pl.LightningDataModule):
         """Training set with flipped labels, shuffled, augmented if ``augment``."""
         return self._loader(self._require_setup(), self.batch_size, shuffle=True)
 
-    def collect_dataloader(self) -> DataLoader:
-        """Training set with flipped labels, in order and without augmentation (the curvature pass)."""
+    def collect_dataloader(self, max_samples: int | None = None, samples_per_image: int = 1) -> DataLoader:
+        """Training set with flipped labels, in order and without augmentation (the curvature pass).
+
+        Args:
+            max_samples: Serve only the first ``ceil(max_samples / samples_per_image)`` images (a global prefix:
+                a distributed sampler splits these rows only); None: every training image.
+            samples_per_image: Samples one image gives (1 in CLS mode, its token count in token mode).
+        """
         self._require_setup()
-        return self._loader(self._collect, self.batch_size, shuffle=False)
+        dataset: Dataset = self._collect
+        if max_samples is not None:
+            dataset = Subset(dataset, range(min(len(dataset), -(-max_samples // samples_per_image))))
+        return self._loader(dataset, self.batch_size, shuffle=False)
+
+    def limit_collection(self, max_samples: int | None, samples_per_row: Callable[[], int] | None = None) -> None:
+        """Make :meth:`predict_dataloader` serve only the images of the first ``max_samples`` samples.
+
+        Args:
+            max_samples: The budget (None: no limit).
+            samples_per_row: Samples per image, asked when the loader is built (the model exists by then); None: 1.
+        """
+        self._collect_limit = (max_samples, samples_per_row)
 
     @override
     def predict_dataloader(self) -> DataLoader:
-        """The curvature pass runs in ``trainer.predict``: the same loader as :meth:`collect_dataloader`."""
-        return self.collect_dataloader()
+        """The curvature pass runs in ``trainer.predict``: :meth:`collect_dataloader` within the budget."""
+        max_samples, per_image = getattr(self, "_collect_limit", (None, None))
+        return self.collect_dataloader(max_samples, per_image() if per_image is not None else 1)
 
     @override
     def val_dataloader(self) -> list[DataLoader]:
@@ -655,7 +674,7 @@ class NoisyLabelImageDataModule(pl.LightningDataModule):
             dataset,
             batch_size=batch_size,
             shuffle=shuffle,
-            sampler=eval_sampler(dataset) if shard else None,
+            sampler=eval_sampler(dataset, batch_size) if shard else None,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )

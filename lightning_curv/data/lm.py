@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import json
 from abc import abstractmethod
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import lightning.pytorch as pl
+import torch
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_curv.curvature.constants import IGNORE_INDEX
+from lightning_curv.curvature.kfac import budget_prefix
 from lightning_curv.data.base import EvalSet
 from lightning_curv.data.collate import build_loader, generation_to_lm_rows
 from lightning_curv.utils import atomic_write_json, json_digest
@@ -26,6 +31,53 @@ except ImportError:  # Python < 3.12
     from typing_extensions import override
 
 BatchKind = Literal["lm", "generation"]
+
+
+def _sample_positions(row: Mapping[str, Any]) -> Tensor:
+    """Positions ``t`` of an unpadded LM row that are K-FAC samples: those whose next token is a label."""
+    ids = torch.as_tensor(row["input_ids"]).reshape(-1)
+    labels = ids if row.get("labels") is None else torch.as_tensor(row["labels"]).reshape(-1)
+    return (labels[1:] != IGNORE_INDEX).nonzero().flatten()
+
+
+class PrefixRows(Dataset):
+    """The rows of a token-sample budget: the first ``max_samples`` sample positions of ``dataset``, in order.
+
+    A row's samples are its positions with a next-token label (:func:`~lightning_curv.curvature.valid_positions`
+    of its collated batch). Rows are read in order only until the budget is reached. The row where it runs out is
+    cut right after its last counted position (``input_ids`` and ``labels`` end at that position's target), as
+    if the data ended there; later rows are not served. So the samples are a global prefix of the data whatever
+    the batch size or the number of processes (a distributed sampler splits these rows only).
+
+    Args:
+        dataset: LM rows (``input_ids``, optional ``labels``, ``index``).
+        max_samples: The budget in sample positions.
+    """
+
+    def __init__(self, dataset: Dataset, max_samples: int) -> None:
+        self.dataset = dataset
+        counts = (len(_sample_positions(dataset[i])) for i in range(len(dataset)))
+        self.num_rows, last = budget_prefix(counts, max_samples)
+        self._cut: int | None = None
+        if last is not None:
+            positions = _sample_positions(dataset[self.num_rows - 1])
+            if last < len(positions):
+                self._cut = int(positions[last - 1]) + 2  # keep position p and its target p + 1
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    def __getitem__(self, i: int) -> Mapping[str, Any]:
+        if not 0 <= i < self.num_rows:
+            raise IndexError(f"Row {i} is past the budget ({self.num_rows} rows).")
+        row = self.dataset[i]
+        if self._cut is None or i != self.num_rows - 1:
+            return row
+        cut = dict(row)
+        for key in ("input_ids", "labels"):
+            if cut.get(key) is not None:
+                cut[key] = cut[key][: self._cut]
+        return cut
 
 
 class LMRowsDataModule(pl.LightningDataModule):
@@ -46,6 +98,8 @@ class LMRowsDataModule(pl.LightningDataModule):
     cache_dir: str
     train_dataset: Dataset | None
     _data: dict[str, Any] | None
+    #: Sample budget of the curvature pass's loader (:meth:`limit_collection`); None: every training row.
+    collect_max_samples: int | None = None
 
     # ------------------------------------------------------------------ the cache
     @property
@@ -144,15 +198,30 @@ class LMRowsDataModule(pl.LightningDataModule):
         self._require_setup()
         return self._loader(self.train_dataset, "lm", train=True)
 
-    def collect_dataloader(self) -> DataLoader:
-        """Training rows in order, unshuffled, for the curvature pass (``eval_batch_size`` rows a batch)."""
+    def collect_dataloader(self, max_samples: int | None = None) -> DataLoader:
+        """Training rows in order, unshuffled, for the curvature pass (``eval_batch_size`` rows a batch).
+
+        Args:
+            max_samples: Serve only the rows of the first this many sample positions (:class:`PrefixRows`); None:
+                every training row.
+        """
         self._require_setup()
-        return self._loader(self.train_dataset, "lm")
+        dataset = self.train_dataset if max_samples is None else PrefixRows(self.train_dataset, max_samples)
+        return self._loader(dataset, "lm")
+
+    def limit_collection(self, max_samples: int | None, samples_per_row: Callable[[], int] | None = None) -> None:
+        """Make :meth:`predict_dataloader` serve only the global prefix of ``max_samples`` token positions.
+
+        Args:
+            max_samples: The budget (None: no limit).
+            samples_per_row: Unused: a language-model row's samples are its labelled positions.
+        """
+        self.collect_max_samples = max_samples
 
     @override
     def predict_dataloader(self) -> DataLoader:
-        """The curvature pass runs in ``trainer.predict``: the same loader as :meth:`collect_dataloader`."""
-        return self.collect_dataloader()
+        """The curvature pass runs in ``trainer.predict``: :meth:`collect_dataloader` within the budget."""
+        return self.collect_dataloader(self.collect_max_samples)
 
     def memorized_dataloader(self, split: Literal["selection", "test"] = "selection") -> DataLoader:
         """LM batches of one half of the memorized set (loss on the memorized continuation only).

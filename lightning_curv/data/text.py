@@ -1,35 +1,45 @@
 """Text corpora packed into fixed-length blocks, with optional memorization probes.
 
-Any corpus that ``datasets`` loads works: a hub name, or local ``.txt`` (one document per line), ``.json`` /
-``.jsonl`` (documents in ``text_field``) and ``.parquet`` files. Documents are tokenized with
-``transformers.AutoTokenizer`` (a hub name or a local directory), joined with EOS after every document and
-cut into blocks of ``block_size`` tokens. Held-out text comes from ``validation_files`` /
-``validation_split`` or a seeded fraction of the documents.
+Any corpus that ``datasets`` streams works: a hub name, or local ``.txt`` (one document per line), ``.json`` /
+``.jsonl`` (documents in ``text_field``) and ``.parquet`` files, the text formats also compressed (``.gz``,
+``.bz2``, ``.xz``, ``.zst``, ``.lz4``: e.g. ``.jsonl.gz``, ``.json.zst``). Documents are tokenized with
+``transformers.AutoTokenizer`` (a hub name or a local directory), joined with EOS after every document
+(``separator="eos"``) or with nothing between them (``"none"``), and cut into blocks of ``block_size`` tokens.
+Held-out text comes from ``validation_files`` / ``validation_split`` or a seeded fraction of the documents.
 
 Probes (duplicated passages, canaries) measure verbatim memorization as in Merullo et al., *From Memorization
 to Reasoning in the Spectrum of Loss Curvature* (arXiv 2510.24256, 2025): each probe is a row of its own,
 inserted ``probe_repeats`` times into training; at evaluation the model is prompted with its first
 ``prefix_len`` tokens (paper: 64) and greedily continues ``suffix_len`` tokens (paper: 48).
 
-The pipeline is ``datasets`` end to end, and nothing holds the corpus in a Python list: blank documents are
-filtered out, a seeded ``train_test_split`` holds documents out (then each split is sorted back into file
-order), a batched ``map`` tokenizes and appends EOS, and a second batched ``map`` (:func:`group_texts`) packs
-the token streams into blocks. Every step is cached by ``datasets``' own fingerprints under ``cache_dir``; the
-packed blocks go to Arrow files named by the settings' digest. :meth:`TextDataModule.prepare_data` runs it and
-writes a small JSON manifest (the shared cache of :class:`~lightning_curv.data.lm.LMRowsDataModule`, keyed by
-the files' path, size and mtime, the tokenizer's content and the settings); :meth:`TextDataModule.setup` only
-memory-maps those files (DDP-safe). Hand-written: :func:`group_texts` keeps a last short block (>= 2 tokens) of
-each map batch instead of dropping it like the Hugging Face recipe, so no token of the corpus is lost; blocks
-restart at each batch of ``GROUP_DOCUMENTS`` documents (``datasets`` cannot carry a remainder across batches).
+Bounded reading: the corpus is never loaded whole. A hub data set is streamed (``load_dataset(...,
+streaming=True)``) and local files are streamed one at a time, in the order given; a file is opened only when
+every earlier one has been used up. Documents are tokenized as they are read and the budgets are applied while
+reading: ``max_documents`` (rows read), ``max_tokens`` (training tokens) and ``heldout_max_tokens`` (held-out
+tokens) cut the token streams exactly, and reading stops as soon as the training budget is met, so the rest of
+the corpus (further shards, further hub files) is never opened. Tokenizer calls take a few documents at a time,
+fewer as the budget nears, so only a handful of documents past the budget are ever read.
+
+Held-out documents of a corpus without ``validation_files`` / ``validation_split`` are chosen by
+:func:`is_heldout`, a seeded hash of the document's row index: the split needs no count of the documents, is
+disjoint from training, and a document stays on its side whatever the budgets.
+
+The packed blocks stream straight into Arrow files named by the settings' digest (a remainder is carried across
+documents, so every block is full but the last, which is kept when it has at least 2 tokens).
+:meth:`TextDataModule.prepare_data` writes them and a small JSON manifest (the shared cache of
+:class:`~lightning_curv.data.lm.LMRowsDataModule`, keyed by the files' path, size and mtime, the tokenizer's
+content and the settings); :meth:`TextDataModule.setup` only memory-maps those files (DDP-safe).
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
+import importlib.util
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -45,6 +55,7 @@ from lightning_curv.data.collate import (
     split_selection_test,
 )
 from lightning_curv.data.lm import BatchKind, LMRowsDataModule
+from lightning_curv.utils import atomic_path, row_seed, stream_seed
 
 try:
     from typing import override
@@ -52,16 +63,30 @@ except ImportError:  # Python < 3.12
     from typing_extensions import override
 
 #: Bump when the cached content changes for the same settings (invalidates old caches).
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
-#: ``datasets`` builder for each local file extension.
+#: ``datasets`` builder for each local file format (the extension before any compression suffix).
 BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+#: Compression suffixes that ``datasets`` decompresses while streaming, and the package each one needs.
+COMPRESSIONS = {
+    ".gz": None,
+    ".gzip": None,
+    ".bz2": None,
+    ".xz": None,
+    ".zst": "zstandard",
+    ".zstd": "zstandard",
+    ".lz4": "lz4",
+}
+#: How documents are joined before packing: EOS after every document, or nothing between them.
+SEPARATORS = ("eos", "none")
 
-#: Documents tokenized per tokenizer call (``map`` batch size).
+#: Most documents tokenized per tokenizer call.
 _TOKENIZE_CHUNK = 1000
-#: Documents packed together by one :func:`group_texts` call: blocks restart at these boundaries.
-GROUP_DOCUMENTS = 10_000
-#: Column of the token ids in the tokenized and packed ``datasets``.
+#: Blocks buffered before they are written to the Arrow file as one record batch.
+_WRITE_ROWS = 1024
+#: Purpose of the held-out draw in :func:`~lightning_curv.utils.stream_seed`.
+_HELDOUT_STREAM = 0x4E1D
+#: Column of the token ids in the packed blocks.
 TOKENS = "input_ids"
 
 
@@ -94,27 +119,54 @@ def resolve_files(files: str | Sequence[str] | None) -> list[str]:
     return out
 
 
+def _format_and_compression(path: str) -> tuple[str, str | None]:
+    suffixes = [s.lower() for s in Path(path).suffixes]
+    compression = suffixes.pop() if suffixes and suffixes[-1] in COMPRESSIONS else None
+    return (suffixes[-1] if suffixes else ""), compression
+
+
 def builder_for(files: Sequence[str]) -> str:
     """Return the ``datasets`` builder (``text``, ``json``, ``parquet``) for local files of one format.
 
     Args:
-        files: Local file paths.
+        files: Local file paths, optionally compressed (``corpus.jsonl.gz``, ``shard.json.zst``).
 
     Returns:
         The builder name.
 
     Raises:
-        ValueError: If an extension is not supported or the files mix formats.
+        ValueError: If an extension is not supported, a parquet file is compressed or the files mix formats.
+        ImportError: If a compression needs a package that is not installed (``zstandard`` for ``.zst``).
     """
     builders = set()
     for f in files:
-        ext = Path(f).suffix.lower()
-        if ext not in BUILDERS:
-            raise ValueError(f"Unsupported data file {f!r}: expected one of {sorted(BUILDERS)}.")
+        ext, compression = _format_and_compression(f)
+        if ext not in BUILDERS or (ext == ".parquet" and compression is not None):
+            raise ValueError(
+                f"Unsupported data file {f!r}: expected one of {sorted(BUILDERS)}, the text formats optionally "
+                f"compressed ({', '.join(COMPRESSIONS)})."
+            )
+        package = COMPRESSIONS.get(compression or "")
+        if package is not None and importlib.util.find_spec(package) is None:
+            raise ImportError(f"Reading {f!r} needs the `{package}` package: pip install {package}.")
         builders.add(BUILDERS[ext])
     if len(builders) > 1:
         raise ValueError(f"Data files mix formats ({sorted(builders)}); use one format per file list.")
     return builders.pop()
+
+
+def is_heldout(index: int, fraction: float, seed: int) -> bool:
+    """Whether row ``index`` of a corpus is held out (a seeded hash: no count of the rows is needed).
+
+    Args:
+        index: Position of the row in the corpus (blank rows count).
+        fraction: Probability that a row is held out.
+        seed: Seed of the draw.
+
+    Returns:
+        True for about ``fraction`` of the rows, always the same ones for a seed.
+    """
+    return row_seed(stream_seed(seed, _HELDOUT_STREAM), index) < fraction * 2**63
 
 
 def _file_fingerprint(files: Sequence[str]) -> list[list[Any]]:
@@ -165,6 +217,90 @@ def read_probes(path: str, text_field: str = "text") -> list[str]:
     return probes
 
 
+class BlockWriter:
+    """Cut a token stream into blocks of ``block_size`` tokens and append them to an Arrow file as they fill.
+
+    The stream is cut at ``budget`` tokens. :meth:`close` keeps a last short block when it has at least 2 tokens
+    (one next-token target), so the blocks concatenate back to the stream up to a dropped single last token.
+    The file is an Arrow stream with one column ``input_ids`` (``list<int64>``), as ``datasets`` writes it.
+
+    Args:
+        path: The Arrow file to write.
+        block_size: Tokens per block.
+        budget: Most tokens taken from the stream (None: all).
+    """
+
+    def __init__(self, path: str | os.PathLike, block_size: int, budget: int | None = None) -> None:
+        import pyarrow as pa
+
+        self.block_size = block_size
+        self.budget = budget
+        self.num_tokens = 0
+        self.num_blocks = 0
+        self._carry = np.zeros(0, dtype=np.int64)  # tokens not yet in a full block
+        self._blocks: list[np.ndarray] = []  # full blocks not yet written
+        self._schema = pa.schema([pa.field(TOKENS, pa.list_(pa.int64()))])
+        self._writer = pa.ipc.new_stream(str(path), self._schema)
+        self._closed = False
+
+    @property
+    def remaining(self) -> int | None:
+        """Tokens the budget still takes (None: no budget)."""
+        return None if self.budget is None else self.budget - self.num_tokens
+
+    @property
+    def full(self) -> bool:
+        """Whether the budget is met."""
+        return self.budget is not None and self.num_tokens >= self.budget
+
+    def add(self, ids: Sequence[int]) -> int:
+        """Append token ids to the stream (cut at the budget) and write the blocks they complete.
+
+        Args:
+            ids: Token ids of one document (separator included).
+
+        Returns:
+            The number of tokens taken.
+        """
+        if self.remaining is not None:
+            ids = ids[: self.remaining]
+        stream = np.concatenate([self._carry, np.asarray(ids, dtype=np.int64)])
+        num_full = len(stream) // self.block_size
+        self._blocks += list(stream[: num_full * self.block_size].reshape(num_full, self.block_size))
+        self._carry = stream[num_full * self.block_size :]
+        self.num_tokens += len(ids)
+        if len(self._blocks) >= _WRITE_ROWS:
+            self._flush()
+        return len(ids)
+
+    def _flush(self) -> None:
+        import pyarrow as pa
+
+        if not self._blocks:
+            return
+        lengths = np.array([len(b) for b in self._blocks], dtype=np.int32)
+        offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+        column = pa.ListArray.from_arrays(offsets, pa.array(np.concatenate(self._blocks)))
+        self._writer.write_batch(pa.record_batch([column], schema=self._schema))
+        self.num_blocks += len(self._blocks)
+        self._blocks = []
+
+    def close(self, discard: bool = False) -> None:
+        """Write the last short block (when it has at least 2 tokens) and close the file; later calls do nothing.
+
+        Args:
+            discard: Close without writing what is buffered (the file is being thrown away).
+        """
+        if self._closed:
+            return
+        self._closed = True
+        if not discard:
+            if len(self._carry) >= 2:
+                self._blocks.append(self._carry)
+            self._flush()
+        self._writer.close()
+
+
 class TextDataModule(LMRowsDataModule):
     """A text corpus packed into blocks, a held-out split and optional memorization probes.
 
@@ -179,14 +315,22 @@ class TextDataModule(LMRowsDataModule):
         tokenizer: Hub name or local directory for ``AutoTokenizer.from_pretrained``.
         dataset: Hub data set name (exclusive with ``data_files``).
         dataset_config: Hub data set configuration name.
-        data_files: Local training files or glob patterns (``.txt``, ``.json``/``.jsonl``, ``.parquet``).
+        data_files: Local training files or glob patterns (``.txt``, ``.json``/``.jsonl``, ``.parquet``; the
+            text formats also compressed, e.g. ``.jsonl.gz``, ``.json.zst``). They are read in the order given
+            (each pattern's matches sorted), and a file is opened only when the budgets need it.
         validation_files: Local held-out files; without them (and without ``validation_split``) a seeded
             ``heldout_fraction`` of the documents is held out.
         split: Split of the hub data set used for training.
         validation_split: Split of the hub data set used as held-out text.
         text_field: Column holding the text (``.txt`` files always use ``text``).
         heldout_fraction: Fraction of documents held out when no held-out files or split are given.
-        max_documents: Use at most this many training documents (the first ones), e.g. of a large hub set.
+        max_documents: Read at most this many rows of the training corpus (the first ones; blank rows and the
+            documents held out by ``heldout_fraction`` count).
+        max_tokens: Stop reading once the training blocks hold this many tokens (the last document is cut).
+        heldout_max_tokens: Take at most this many held-out tokens (from ``validation_files`` /
+            ``validation_split``, or from the documents held out of the training corpus).
+        separator: ``"eos"`` appends EOS after every document before packing; ``"none"`` packs documents
+            back to back (the paper's OLMo-2 setting).
         block_size: Tokens per training / held-out block.
         probes_file: Probe texts (``.jsonl`` with ``text_field``, or ``.txt`` lines).
         probe_repeats: Copies of each probe in training (0: evaluate probes that were never trained on).
@@ -219,6 +363,9 @@ class TextDataModule(LMRowsDataModule):
         text_field: str = "text",
         heldout_fraction: float = 0.05,
         max_documents: int | None = None,
+        max_tokens: int | None = None,
+        heldout_max_tokens: int | None = None,
+        separator: Literal["eos", "none"] = "eos",
         block_size: int = 128,
         probes_file: str | None = None,
         probe_repeats: int = 10,
@@ -243,6 +390,9 @@ class TextDataModule(LMRowsDataModule):
         self.text_field = text_field
         self.heldout_fraction = heldout_fraction
         self.max_documents = max_documents
+        self.max_tokens = max_tokens
+        self.heldout_max_tokens = heldout_max_tokens
+        self.separator = separator
         self.block_size = block_size
         self.probes_file = probes_file
         self.probe_repeats = probe_repeats
@@ -271,6 +421,12 @@ class TextDataModule(LMRowsDataModule):
                 f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}.",
             ),
             (self.max_documents is None or self.max_documents >= 1, "max_documents must be >= 1 or None."),
+            (self.max_tokens is None or self.max_tokens >= 2, "max_tokens must be >= 2 or None."),
+            (
+                self.heldout_max_tokens is None or self.heldout_max_tokens >= 2,
+                "heldout_max_tokens must be >= 2 or None.",
+            ),
+            (self.separator in SEPARATORS, f"separator must be one of {SEPARATORS}, got {self.separator!r}."),
             (self.block_size >= 2, f"block_size must be >= 2, got {self.block_size}."),
             (self.probe_repeats >= 0, f"probe_repeats must be >= 0, got {self.probe_repeats}."),
             (self.prefix_len >= 1 and self.suffix_len >= 1, "prefix_len and suffix_len must be >= 1."),
@@ -338,6 +494,9 @@ class TextDataModule(LMRowsDataModule):
             "text_field": self.text_field,
             "heldout_fraction": self.heldout_fraction,
             "max_documents": self.max_documents,
+            "max_tokens": self.max_tokens,
+            "heldout_max_tokens": self.heldout_max_tokens,
+            "separator": self.separator,
             "block_size": self.block_size,
             "seed": self.seed,
             "tokenizer": _tokenizer_fingerprint(self.tokenizer),
@@ -348,87 +507,158 @@ class TextDataModule(LMRowsDataModule):
         """Arrow file of the packed blocks of ``split`` for the current settings (next to the manifest)."""
         return self.cache_path.with_name(f"{self.cache_path.stem}-{split}.arrow")
 
-    def _load_documents(self, files: list[str], hub_split: str | None, limit: int | None = None) -> Any:
-        """Non-blank documents of local files (one format) or of a hub split, at most ``limit`` of them.
+    # --- bounded reading
 
-        Returns:
-            A ``datasets.Dataset`` with one column ``text`` (and no other).
+    def _read_rows(self, files: list[str], hub_split: str | None, opened: list[str]) -> Iterator[Any]:
+        """Yield the text of every row, in order, of local files (one format) or of a streamed hub split.
+
+        A local file is opened only when the rows of the earlier ones are used up; its path is then appended to
+        ``opened``. Nothing is read ahead of what the caller asks for.
+
+        Raises:
+            ValueError: If a file is empty or unreadable, or the rows have no text column.
         """
         import datasets
 
         cache = os.path.join(self.cache_dir, "datasets")
-        if files:
-            source, builder = f"data files {files}", builder_for(files)
-            ds = datasets.load_dataset(builder, data_files={"data": files}, split="data", cache_dir=cache)
-        else:
-            source, builder = f"dataset {self.dataset!r} split {hub_split!r}", None
-            ds = datasets.load_dataset(self.dataset, self.dataset_config, split=hub_split, cache_dir=cache)
+        if not files:
+            source = f"dataset {self.dataset!r} split {hub_split!r}"
+            rows = datasets.load_dataset(
+                self.dataset, self.dataset_config, split=hub_split, streaming=True, cache_dir=cache
+            )
+            yield from _texts(rows, self.text_field, source)
+            return
+        builder = builder_for(files)
         column = "text" if builder == "text" else self.text_field
-        if column not in ds.column_names:
-            raise ValueError(f"The {source} have no column {column!r} (columns: {ds.column_names}); set `text_field`.")
-        if limit is not None:
-            ds = ds.select(range(min(limit, len(ds))))
-        ds = ds.select_columns([column])
-        if column != "text":
-            ds = ds.rename_column(column, "text")
-        return ds.filter(_is_document, batched=True, input_columns="text", desc="Dropping blank documents")
+        for path in files:
+            opened.append(path)
+            if os.path.getsize(path) == 0:
+                raise ValueError(f"Data file {path!r} is empty.")
+            count = 0
+            try:
+                rows = datasets.load_dataset(
+                    builder, data_files={"data": [path]}, split="data", streaming=True, cache_dir=cache
+                )
+                for text in _texts(rows, column, f"data file {path!r}"):
+                    count += 1
+                    yield text
+            except _MissingColumn:
+                raise
+            except StopIteration:  # datasets found no first row to infer the columns from: count stays 0
+                pass
+            except Exception as e:  # any reader error (bad gzip, bad JSON): say which file it was
+                raise ValueError(f"Could not read data file {path!r}: {type(e).__name__}: {e}") from e
+            if count == 0:
+                raise ValueError(f"Data file {path!r} is empty: it holds no row.")
 
-    def _tokenize(self, documents: Any) -> Any:
-        """Token ids of each document followed by EOS: a ``datasets.Dataset`` with one column ``input_ids``."""
-        return documents.map(
-            _tokenize_batch,
-            batched=True,
-            batch_size=_TOKENIZE_CHUNK,
-            input_columns="text",
-            remove_columns=documents.column_names,
-            fn_kwargs={"tokenizer": self.tokenizer, "eos": self.tokenizer.eos_token_id},
-            desc="Tokenizing",
-        )
+    def _pack_stream(self, texts: Iterator[Any], writers: dict[str, BlockWriter], max_rows: int | None) -> list[int]:
+        """Tokenize documents as they are read and pack them, stopping as soon as the budgets are met.
 
-    def tokenize_corpus(self) -> dict[str, Any]:
-        """Load, split and tokenize the corpus and the probes (each ``datasets`` step cached by fingerprint).
+        With two writers (``train`` then ``heldout``), row ``i`` goes to held-out when :func:`is_heldout` says so;
+        with one, every document goes to it. Reading stops after ``max_rows`` rows or when the first writer is
+        full; held-out documents past a full held-out writer are skipped untokenized. Documents are tokenized a
+        chunk at a time, the chunk sized so that it is unlikely to run past the first writer's budget (about half
+        the remaining budget at the mean document length so far), so hardly any row past the budget is read.
 
         Returns:
-            ``train`` and ``heldout`` (``datasets.Dataset`` objects with column ``input_ids``: one document
-            with EOS appended per row, in file order), ``num_train_documents``, ``num_heldout_documents`` and
-            ``probes`` (token ids of each probe, without EOS).
+            The number of documents that gave tokens to each writer, in the writers' order.
+        """
+        names = list(writers)
+        primary = writers[names[0]]
+        eos = [self.tokenizer.eos_token_id] if self.separator == "eos" else []
+        used = dict.fromkeys(names, 0)
+        pending: list[tuple[str, str]] = []
+        seen = {"documents": 0, "tokens": 0}
+
+        def tokenize_pending() -> None:
+            texts_ = [text for _, text in pending]
+            ids = self.tokenizer(texts_, add_special_tokens=False, verbose=False)[TOKENS] if texts_ else []
+            for (name, _), doc in zip(pending, ids, strict=True):
+                if primary.full:  # what follows would not have been read: keep the result chunking-free
+                    break
+                seen["documents"] += 1
+                seen["tokens"] += len(doc) + len(eos)
+                if not writers[name].full and writers[name].add([*doc, *eos]) > 0:
+                    used[name] += 1
+            pending.clear()
+
+        def chunk_size() -> int:
+            if primary.remaining is None:
+                return _TOKENIZE_CHUNK
+            if seen["documents"] == 0:
+                return 1
+            mean = seen["tokens"] / seen["documents"]
+            return int(min(_TOKENIZE_CHUNK, max(1, primary.remaining // (2 * mean))))
+
+        rows = iter(texts)
+        index = 0
+        while not primary.full and (max_rows is None or index < max_rows):
+            text = next(rows, _END)
+            if text is _END:
+                break
+            name = names[0]
+            if len(names) == 2 and is_heldout(index, self.heldout_fraction, self.seed):
+                name = names[1]
+            index += 1
+            if _is_document(text) and not writers[name].full:
+                pending.append((name, text))
+                if len(pending) >= chunk_size():
+                    tokenize_pending()
+        tokenize_pending()
+        return [used[name] for name in names]
+
+    def pack_corpus(self) -> dict[str, Any]:
+        """Read the corpus within the budgets, tokenize it and pack it into :meth:`blocks_path` of each split.
+
+        Returns:
+            The manifest entries: numbers of documents and tokens of each split, the local files opened.
 
         Raises:
             FileNotFoundError: If a data file is missing.
-            ValueError: If the corpus is empty or too small to hold out documents.
+            ValueError: If a file is empty or unreadable, the corpus is empty, or no document is held out.
         """
-        train_files = resolve_files(self.data_files)
+        train_files, heldout_files = resolve_files(self.data_files), resolve_files(self.validation_files)
+        separate = bool(heldout_files) or self.validation_split is not None
         source = f"data_files {train_files}" if train_files else f"dataset {self.dataset!r} split {self.split!r}"
-        docs = self._load_documents(train_files, self.split, self.max_documents)
-        if len(docs) == 0:
-            raise ValueError(f"The corpus ({source}) is empty: it holds no non-blank document.")
-        heldout_files = resolve_files(self.validation_files)
-        if heldout_files or self.validation_split is not None:
-            heldout = self._load_documents(heldout_files, self.validation_split)
-            if len(heldout) == 0:
-                raise ValueError(f"The held-out corpus ({heldout_files or self.validation_split}) is empty.")
-            train = docs
-        else:
-            if len(docs) < 2:
+        opened: list[str] = []
+        with contextlib.ExitStack() as stack:
+            paths = {s: stack.enter_context(atomic_path(self.blocks_path(s))) for s in ("train", "heldout")}
+            train = BlockWriter(paths["train"], self.block_size, self.max_tokens)
+            heldout = BlockWriter(paths["heldout"], self.block_size, self.heldout_max_tokens)
+            stack.callback(train.close, discard=True)
+            stack.callback(heldout.close, discard=True)
+            writers = {"train": train} if separate else {"train": train, "heldout": heldout}
+            # closing(): a file left half-read at the budget is closed now, not when garbage-collected.
+            with contextlib.closing(self._read_rows(train_files, self.split, opened)) as rows:
+                counts = self._pack_stream(rows, writers, self.max_documents)
+            num_train, num_heldout = counts[0], (0 if separate else counts[1])
+            if num_train + num_heldout == 0:
+                raise ValueError(f"The corpus ({source}) is empty: it holds no non-blank document.")
+            if separate:
+                with contextlib.closing(self._read_rows(heldout_files, self.validation_split, opened)) as rows:
+                    (num_heldout,) = self._pack_stream(rows, {"heldout": heldout}, None)
+                if num_heldout == 0:
+                    raise ValueError(f"The held-out corpus ({heldout_files or self.validation_split}) is empty.")
+            elif num_train + num_heldout == 1:
                 raise ValueError(
                     f"The corpus ({source}) has a single document, so none can be held out; "
                     "give `validation_files` or more documents."
                 )
-            num_heldout = min(len(docs) - 1, max(1, round(self.heldout_fraction * len(docs))))
-            # The permutation is numpy's default_rng(seed), as before; sorting restores file order.
-            numbered = docs.map(_number, batched=True, with_indices=True, desc="Numbering documents")
-            parts = numbered.train_test_split(test_size=num_heldout, shuffle=True, seed=self.seed)
-            train = parts["train"].sort("position").remove_columns("position")
-            heldout = parts["test"].sort("position").remove_columns("position")
-        probes = []
-        if self.probes_file is not None:
-            probes = self.tokenizer(self._probe_texts(), add_special_tokens=False, verbose=False)[TOKENS]
+            elif num_heldout == 0 or num_train == 0:
+                empty = "held-out" if num_heldout == 0 else "training"
+                raise ValueError(
+                    f"heldout_fraction={self.heldout_fraction} left the {empty} split of {source} empty "
+                    f"({num_train + num_heldout} documents read); change it, read more "
+                    "documents, or give `validation_files` / `validation_split`."
+                )
+            train.close()
+            heldout.close()
         return {
-            "train": self._tokenize(train),
-            "heldout": self._tokenize(heldout),
-            "num_train_documents": len(train),
-            "num_heldout_documents": len(heldout),
-            "probes": probes,
+            "num_train_documents": num_train,
+            "num_heldout_documents": num_heldout,
+            "num_train_tokens": train.num_tokens,
+            "num_heldout_tokens": heldout.num_tokens,
+            "files_read": opened,
         }
 
     def _probe_texts(self) -> list[str]:
@@ -436,26 +666,12 @@ class TextDataModule(LMRowsDataModule):
 
     @override
     def _create_cache(self) -> dict[str, Any]:
-        """Tokenize, pack each split into :meth:`blocks_path`, and return the manifest."""
-        corpus = self.tokenize_corpus()
-        for split in ("train", "heldout"):
-            path = self.blocks_path(split)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            corpus[split].map(
-                group_texts,
-                batched=True,
-                batch_size=GROUP_DOCUMENTS,
-                input_columns=TOKENS,
-                fn_kwargs={"block_size": self.block_size},
-                cache_file_name=str(path),
-                desc=f"Packing {split} blocks",
-            )
-        return {
-            "config": self.cache_config,
-            "num_train_documents": corpus["num_train_documents"],
-            "num_heldout_documents": corpus["num_heldout_documents"],
-            "probes": corpus["probes"],
-        }
+        """Read, tokenize and pack the corpus into :meth:`blocks_path` of each split; return the manifest."""
+        stats = self.pack_corpus()
+        probes = []
+        if self.probes_file is not None:
+            probes = self.tokenizer(self._probe_texts(), add_special_tokens=False, verbose=False)[TOKENS]
+        return {"config": self.cache_config, **stats, "probes": probes}
 
     def _read_blocks(self, split: Literal["train", "heldout"]) -> Any:
         import datasets
@@ -585,17 +801,26 @@ class PackedRows(Dataset):
         return {TOKENS: ids, "index": i}
 
 
-def _is_document(texts: list[Any]) -> list[bool]:
-    return [isinstance(t, str) and bool(t.strip()) for t in texts]
+#: End of a row iterator (``next(rows, _END)``).
+_END = object()
 
 
-def _number(batch: dict[str, list], indices: list[int]) -> dict[str, list[int]]:
-    return {"position": indices}
+class _MissingColumn(ValueError):
+    """The rows have no text column (raised as is, not wrapped as an unreadable file)."""
 
 
-def _tokenize_batch(texts: list[str], tokenizer: Any, eos: int) -> dict[str, list[list[int]]]:
-    ids = tokenizer(texts, add_special_tokens=False, verbose=False)[TOKENS]
-    return {TOKENS: [[*doc, eos] for doc in ids]}
+def _texts(rows: Any, column: str, source: str) -> Iterator[Any]:
+    """Yield ``row[column]`` of each row of an iterable ``datasets`` split, checking the column on the first."""
+    for i, row in enumerate(rows):
+        if i == 0 and column not in row:
+            raise _MissingColumn(
+                f"The rows of {source} have no column {column!r} (columns: {sorted(row)}); set `text_field`."
+            )
+        yield row[column]
+
+
+def _is_document(text: Any) -> bool:
+    return isinstance(text, str) and bool(text.strip())
 
 
 def _list_lengths(column: Any) -> np.ndarray:
@@ -603,39 +828,3 @@ def _list_lengths(column: Any) -> np.ndarray:
     import pyarrow.compute as pc
 
     return pc.list_value_length(column).to_numpy(zero_copy_only=False)
-
-
-def group_texts(input_ids: list[list[int]], block_size: int) -> dict[str, list[list[int]]]:
-    """Pack one ``map`` batch of token sequences into consecutive blocks (see :func:`pack_blocks`).
-
-    Args:
-        input_ids: Token ids of consecutive documents (EOS included).
-        block_size: Tokens per block.
-
-    Returns:
-        ``{"input_ids": blocks}``; the blocks concatenate back to the batch's tokens (but a dropped single
-        last token).
-    """
-    lengths = [len(ids) for ids in input_ids]
-    stream = torch.from_numpy(np.fromiter((t for ids in input_ids for t in ids), dtype=np.int64, count=sum(lengths)))
-    return {TOKENS: [block.tolist() for block in pack_blocks(stream, block_size)]}
-
-
-def pack_blocks(stream: Tensor, block_size: int) -> list[Tensor]:
-    """Cut a token stream into consecutive blocks of ``block_size`` tokens.
-
-    The last block is shorter when the stream length is not a multiple of ``block_size``; it is kept when it
-    has at least 2 tokens (one next-token target), so the blocks concatenate back to the stream (up to a
-    dropped single last token).
-
-    Args:
-        stream: Token ids of shape ``[N]``.
-        block_size: Tokens per block.
-
-    Returns:
-        Views of ``stream``, each of shape ``[block_size]`` except possibly the last.
-    """
-    blocks = list(torch.split(stream, block_size))
-    if blocks and len(blocks[-1]) < 2:
-        blocks.pop()
-    return blocks

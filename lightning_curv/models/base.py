@@ -152,7 +152,9 @@ class CurvatureModule(pl.LightningModule):
             for metric in self.eval_metrics[eval_set.name].values():
                 metric.reset()
         for key, value in logged.items():
-            self.log(f"{stage}/{key}", value.float(), add_dataloader_idx=False, sync_dist=False)
+            # float64 where the metric computes in float64 (Lightning keeps it), so metrics.json gets every digit
+            value = value.double() if value.device.type != "mps" else value.float()
+            self.log(f"{stage}/{key}", value, add_dataloader_idx=False, sync_dist=False)
 
     @override
     def on_validation_epoch_end(self) -> None:

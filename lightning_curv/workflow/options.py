@@ -20,11 +20,13 @@ class CollectOptions:
         modules: Layer names, globs or ``re:`` regexes; None: the model's MLP projections.
         fisher: ``"true"`` (targets sampled from the model, the paper's choice) or ``"empirical"``.
         seed: Seed of the true-Fisher targets.
-        max_tokens: Sample budget over all devices (tokens for LMs, images for ViTs); None: whole pass.
+        max_tokens: Sample budget (tokens for LMs, images for ViTs): the first this many samples of the data in
+            dataset order, the same whatever the number of devices or the batch size; None: the whole pass.
         mode: ``"tokens"`` or ``"cls"``; None: the model's default (tokens for LMs, cls for ViTs).
         dtype: Accumulation dtype.
         output: Factor file name inside the run directory (or an absolute path).
-        save_every_n_batches: Resumable partial sums every this many batches (0: never).
+        save_every_minutes: Resumable partial sums this often (0: never); none once a rank's share is done.
+        save_every_n_batches: Deprecated (use ``save_every_minutes``): also save every this many batches.
     """
 
     modules: list[str] | None = None
@@ -34,7 +36,8 @@ class CollectOptions:
     mode: Literal["tokens", "cls"] | None = None
     dtype: Literal["float32", "float64"] = "float32"
     output: str = "factors.safetensors"
-    save_every_n_batches: int = 100
+    save_every_minutes: float = 30.0
+    save_every_n_batches: int | None = None
 
 
 @dataclass

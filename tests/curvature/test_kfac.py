@@ -20,7 +20,7 @@ from lightning_curv.curvature import (
     save_accumulator_state,
     valid_positions,
 )
-from lightning_curv.curvature.kfac import symmetric_accumulate_, symmetrize_upper
+from lightning_curv.curvature.kfac import budget_prefix, symmetric_accumulate_, symmetrize_upper
 from tests.cases import LLAMA_MLP, LM_CASES, lm_batch, split_batch, tiny_llama, tiny_vit
 from tests.reference import reference_lm_factors
 
@@ -107,13 +107,17 @@ def test_true_fisher_differs_from_empirical_and_depends_on_seed():
     assert torch.equal(again[name].G, true0[name].G)
 
 
-def test_without_index_uses_one_seeded_generator():
+def test_without_index_rows_are_numbered_in_order():
     model = tiny_llama().double()
-    batch = {k: v for k, v in lm_batch(seed=5).items() if k != "index"}
-    a = _collect(model, [batch], LLAMA_MLP, fisher="true", seed=7)
-    b = _collect(model, [batch], LLAMA_MLP, fisher="true", seed=7)
+    batches = [lm_batch(seed=5), lm_batch(seed=6)]
+    numbered = [{**b, "index": torch.arange(4) + 4 * i} for i, b in enumerate(batches)]
+    plain = [{k: v for k, v in b.items() if k != "index"} for b in batches]
+    a = _collect(model, plain, LLAMA_MLP, fisher="true", seed=7)
+    b = _collect(model, numbered, LLAMA_MLP, fisher="true", seed=7)
     name = "model.layers.0.mlp.down_proj"
     assert torch.equal(a[name].G, b[name].G)
+    with KFACAccumulator(model, LLAMA_MLP) as acc, pytest.raises(ValueError, match="needs an `index`"):
+        causal_lm_step(model, plain[0], acc, fisher="true")
 
 
 def test_single_position_kronecker_equals_weight_gradient_outer_product():
@@ -291,6 +295,35 @@ def test_max_tokens_budget_is_exact():
     model = tiny_llama()
     got = collect_factors(model, [lm_batch(seed=s) for s in range(3)], LLAMA_MLP, max_tokens=13)
     assert {f.num_samples for f in got.values()} == {13}
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "true"])
+def test_budget_is_a_prefix_that_ends_inside_a_row(fisher):
+    """The budget counts rows in order and positions in order; the data ends after the last counted position."""
+    model = tiny_llama().double()
+    batch = lm_batch(batch_size=5, seq_len=10, seed=8)
+    counts = valid_positions(batch["attention_mask"], batch["labels"]).sum(1).tolist()
+    budget = counts[0] + counts[1] + 2  # two positions of row 2
+    names = resolve_modules(model, LLAMA_MLP)
+    want = reference_lm_factors(model, batch, names, fisher, seed=1, max_samples=budget)
+    for size in (1, 2, 5):
+        got = _collect(model, split_batch(batch, size), LLAMA_MLP, fisher=fisher, seed=1, max_tokens=budget)
+        for name in names:
+            A, G, n = want[name]
+            assert got[name].num_samples == n == budget
+            assert_close(got[name].A, A, **FP64)
+            assert_close(got[name].G, G, **FP64)
+
+
+def test_budget_prefix_rows():
+    assert budget_prefix([3, 4, 5], None) == (3, None)
+    assert budget_prefix([3, 4, 5], 7) == (2, 4)
+    assert budget_prefix([3, 4, 5], 8) == (3, 1)
+    assert budget_prefix([3, 4, 5], 100) == (3, None)
+    assert budget_prefix([0, 3, 0, 4], 3) == (2, 3)
+    consumed = []
+    assert budget_prefix((consumed.append(i) or 2 for i in range(10**9)), 5) == (3, 1)
+    assert consumed == [0, 1, 2], "only the rows of the prefix are read"
 
 
 def test_symmetric_accumulation_matches_full_product():

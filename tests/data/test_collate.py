@@ -118,3 +118,19 @@ def test_build_loader_collates_and_pickles():
     assert shuffled == again
     with pytest.raises(ValueError, match="kind"):
         build_loader(rows, "images", pad_token_id=PAD, batch_size=1)
+
+
+@pytest.mark.parametrize(("n", "batch", "world"), [(10, 3, 2), (7, 4, 2), (5, 2, 3), (1, 4, 2), (16, 4, 2)])
+def test_unpadded_sampler_gives_each_rank_whole_single_process_batches(n, batch, world):
+    from lightning_curv.data.collate import UnpaddedDistributedSampler
+
+    rows = list(range(n))
+    single = [rows[i : i + batch] for i in range(0, n, batch)]
+    seen = []
+    for rank in range(world):
+        indices = list(UnpaddedDistributedSampler(rows, batch, num_replicas=world, rank=rank))
+        assert len(indices) == len(UnpaddedDistributedSampler(rows, batch, num_replicas=world, rank=rank))
+        batches = [indices[i : i + batch] for i in range(0, len(indices), batch)]
+        assert batches == single[rank::world]  # the batches one process would read, no padding
+        seen += indices
+    assert sorted(seen) == rows  # every row exactly once
