@@ -49,6 +49,9 @@ class CurvatureModule(pl.LightningModule):
         self.curvature_collector: CurvatureCollector | None = None
         self.eval_metrics = nn.ModuleDict()
         self._eval_sets: list[EvalSet] = []
+        # An evaluation set of fewer batches than processes leaves some ranks without a batch of it (evaluation
+        # shards whole batches, unpadded); their metric states stay empty and the sum over ranks is exact.
+        self.allow_zero_length_dataloader_with_multiple_devices = True
 
     @override
     def _apply(self, fn: Any, recurse: bool = True) -> CurvatureModule:
