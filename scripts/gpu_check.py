@@ -128,6 +128,7 @@ def throughput(device: torch.device, smoke: bool) -> dict:
     if smoke:
         config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.vocab_size = 64, 128, 4, 512
         config.num_attention_heads = config.num_key_value_heads = 4
+        config.pad_token_id, config.eos_token_id = 0, 1
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
