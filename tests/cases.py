@@ -9,6 +9,16 @@ from torch import nn
 
 VOCAB = 64
 LLAMA_MLP = "model.layers.*.mlp.*_proj"
+#: `LitCausalLM(config=...)` fields of a tiny Llama for TinyMem (vocabulary 24).
+TINYMEM_LLAMA = {
+    "model_type": "llama",
+    "vocab_size": 24,
+    "hidden_size": 16,
+    "intermediate_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+}
 GPT2_MLP = "transformer.h.*.mlp.c_*"
 
 

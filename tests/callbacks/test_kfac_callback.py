@@ -20,17 +20,10 @@ from lightning_curv.curvature import resolve_modules
 from lightning_curv.data import TinyMemDataModule
 from lightning_curv.data.lm import PrefixRows
 from lightning_curv.models import LitCausalLM
+from tests.cases import TINYMEM_LLAMA
 from tests.reference import reference_lm_factors
 
-TINY = {
-    "model_type": "llama",
-    "vocab_size": 24,
-    "hidden_size": 16,
-    "intermediate_size": 32,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "num_key_value_heads": 2,
-}
+TINY = TINYMEM_LLAMA
 PATTERNS = ["model.layers.1.mlp.*"]
 #: 21 samples per full TinyMem training row: the budget ends after 8 positions of the row at index 4.
 BUDGET = 4 * 21 + 8

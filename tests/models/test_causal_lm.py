@@ -11,16 +11,9 @@ from lightning_curv.callbacks import KFACCallback
 from lightning_curv.curvature import collect_factors, load_factors
 from lightning_curv.data import TinyMemDataModule
 from lightning_curv.models import LitCausalLM
+from tests.cases import TINYMEM_LLAMA
 
-TINY = {
-    "model_type": "llama",
-    "vocab_size": 24,
-    "hidden_size": 16,
-    "intermediate_size": 32,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "num_key_value_heads": 2,
-}
+TINY = TINYMEM_LLAMA
 FP32 = {"rtol": 1e-5, "atol": 1e-7}  # same float32 computation, different batching of the same rows
 
 
