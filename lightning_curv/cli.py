@@ -20,6 +20,7 @@ import copy
 import inspect
 import os
 import shutil
+import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -36,6 +37,8 @@ from typing_extensions import override
 
 from lightning_curv.trainer import CurvTrainer
 from lightning_curv.utils import atomic_write_text
+from lightning_curv.utils.errors import is_user_error, one_line, validate_checkpoint
+from lightning_curv.utils.runlock import LOCK_NAME, acquire_run_lock, release_run_lock
 from lightning_curv.workflow.compare import CompareOptions
 from lightning_curv.workflow.options import AnalyzeOptions, CollectOptions, EditOptions
 from lightning_curv.workflow.plan import PlanOptions
@@ -54,7 +57,10 @@ SECTIONS = {
 }
 
 #: Files a failed command may leave that are not results; a run directory holding only these is removed.
-_NOT_ARTIFACTS = {"config.yaml", "wandb", "lightning_logs"}
+_NOT_ARTIFACTS = {"config.yaml", "wandb", "lightning_logs", LOCK_NAME}
+
+#: Set to 1 to get the full traceback of user errors (same as ``--debug`` on the command line).
+DEBUG_ENV = "LIGHTNING_CURV_DEBUG"
 
 
 class SaveRunConfig(SaveConfigCallback):
@@ -122,6 +128,9 @@ class CurvCLI(LightningCLI):
         """Parse, and keep the model options as given, before LightningCLI merges a checkpoint's hyperparameters."""
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and Path(ckpt_path).is_file():  # before LightningCLI torch.loads it for the hyperparameters
+            validate_checkpoint(ckpt_path)
         self._given_model = copy.deepcopy(self.config[subcommand].get("model")) if subcommand else None
 
     @override
@@ -183,7 +192,10 @@ class CurvCLI(LightningCLI):
 
     def after_fit(self) -> None:
         """Evaluate the final model, export it, save ``final.ckpt`` and write ``metrics.json``."""
-        self.trainer.finish_fit(self.model, self.datamodule)
+        try:
+            self.trainer.finish_fit(self.model, self.datamodule)
+        finally:
+            self._release_run_dir()
         self._close(exit_code=0)
 
     def evaluate(self, **kwargs: Any) -> None:
@@ -222,7 +234,18 @@ class CurvCLI(LightningCLI):
         self._created_run_dir = not run_dir.exists()
         if self.trainer.is_global_zero:
             run_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                self._run_lock = acquire_run_lock(run_dir)
+            except BaseException:
+                if self._created_run_dir:
+                    shutil.rmtree(run_dir, ignore_errors=True)
+                raise
         return run_dir
+
+    def _release_run_dir(self) -> None:
+        """Free the run directory for the next command (a lock a failed ``fit`` leaves is taken over as stale)."""
+        release_run_lock(getattr(self, "_run_lock", None))
+        self._run_lock = None
 
     def _run(self, fn: Callable[..., Any], **kwargs: Any) -> None:
         # The run directory is made only once every class was instantiated, so bad configs leave nothing behind.
@@ -231,9 +254,11 @@ class CurvCLI(LightningCLI):
             fn(**kwargs)
         except BaseException:
             self._close(exit_code=1)
+            self._release_run_dir()
             if self._created_run_dir and self.trainer.is_global_zero:
                 _remove_if_no_artifacts(run_dir)
             raise
+        self._release_run_dir()
         self._close(exit_code=0)
 
     def _close(self, exit_code: int) -> None:
@@ -253,6 +278,31 @@ def _remove_if_no_artifacts(run_dir: Path) -> None:
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def main(args: Sequence[str] | None = None) -> None:
-    """Entry point of ``python -m lightning_curv``."""
-    CurvCLI(args=list(args) if args is not None else None)
+def main(args: Sequence[str] | None = None, *, exit_on_error: bool | None = None) -> None:
+    """Entry point of ``python -m lightning_curv``.
+
+    User errors (:func:`~lightning_curv.utils.errors.is_user_error`) print one line ``error: <message>`` to
+    stderr and exit with code 2; ``--debug`` (anywhere on the command line) or ``LIGHTNING_CURV_DEBUG=1`` shows
+    their traceback instead. Other errors keep their traceback.
+
+    Args:
+        args: Command line without the program name; None: ``sys.argv[1:]``.
+        exit_on_error: Turn user errors into the one-line message and exit code 2. Default: only when reading the
+            real command line (``args`` is None); in-process callers passing ``args`` get the exception.
+    """
+    argv = list(sys.argv[1:] if args is None else args)
+    debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
+    if "--debug" in argv:
+        argv = [a for a in argv if a != "--debug"]
+        if args is None:  # the real command line: processes re-launched from sys.argv (DDP) inherit the setting
+            os.environ[DEBUG_ENV] = "1"
+            sys.argv = [sys.argv[0], *argv]
+    if exit_on_error is None:
+        exit_on_error = args is None
+    try:
+        CurvCLI(args=None if args is None else argv)
+    except Exception as err:
+        if debug or not exit_on_error or not is_user_error(err):
+            raise
+        print(f"error: {one_line(err)}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None

@@ -8,13 +8,17 @@ Each method attaches what it needs (a :class:`~lightning_curv.callbacks.KFACCall
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch import Trainer
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
+from typing_extensions import override
 
 from lightning_curv.analysis import memorization_labels
 from lightning_curv.analysis.report import analyze_model
@@ -22,6 +26,7 @@ from lightning_curv.callbacks.kfac import KFACCallback
 from lightning_curv.curvature import read_metadata
 from lightning_curv.curvature.cache import prepare_eigens
 from lightning_curv.models.base import stage_metrics
+from lightning_curv.utils import atomic_path
 from lightning_curv.workflow.compare import CompareOptions, compare_methods
 from lightning_curv.workflow.options import AnalyzeOptions, CollectOptions, EditOptions
 from lightning_curv.workflow.plan import PlanOptions, format_plan, plan_collection
@@ -49,11 +54,49 @@ def _describe(obj: Any) -> dict[str, Any]:
     return {"class": f"{type(obj).__module__}.{type(obj).__qualname__}", "hparams": dict(hparams) if hparams else {}}
 
 
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``TorchCheckpointIO`` whose checkpoints are whole or absent (``final.ckpt``, ``edited.ckpt``, callbacks').
+
+    Lightning's writer serializes to memory and writes the bytes straight to the final name, so a full disk or a
+    kill half-way leaves a truncated ``.ckpt``. This one writes through :func:`~lightning_curv.utils.atomic_path`
+    (temporary file beside the target, fsync, rename) and names the file in the error.
+    """
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if not _is_local_file_protocol(path):  # remote file systems (s3://...) keep Lightning's writer
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        try:
+            with atomic_path(path) as tmp:
+                super().save_checkpoint(checkpoint, tmp, storage_options)
+        except OSError as err:
+            raise OSError(
+                err.errno, f"Could not write the checkpoint {os.fspath(path)}: {err.strerror or err}"
+            ) from err
+
+
+def install_atomic_checkpoint_io(trainer: Trainer) -> None:
+    """Give ``trainer``'s strategy an :class:`AtomicCheckpointIO` unless a custom ``CheckpointIO`` was configured."""
+    strategy = trainer.strategy
+    current = getattr(strategy, "_checkpoint_io", None)
+    if current is None or type(current) is TorchCheckpointIO:
+        strategy.checkpoint_io = AtomicCheckpointIO()
+
+
 class CurvTrainer(Trainer):
     """A Lightning ``Trainer`` with the curvature workflow as methods (each one a CLI subcommand)."""
 
     #: Summary of the last :meth:`collect` (factor path, modules, sample count, time).
     collect_summary: dict[str, Any] | None = None
+
+    @override
+    def save_checkpoint(
+        self, filepath: Any, weights_only: bool | None = None, storage_options: Any | None = None
+    ) -> None:
+        """Save a checkpoint whole or not at all (:class:`AtomicCheckpointIO` unless a custom one is configured)."""
+        install_atomic_checkpoint_io(self)
+        super().save_checkpoint(filepath, weights_only=weights_only, storage_options=storage_options)
 
     @property
     def run_dir(self) -> Path:

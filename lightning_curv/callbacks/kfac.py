@@ -197,6 +197,7 @@ class KFACCallback(Callback):
         self._partial = self.output_path.with_name(
             f"{self.output_path.stem}.partial-rank{trainer.global_rank}.safetensors"
         )
+        self._check_weights_finite()
         self._fingerprint = self._make_fingerprint(trainer, pl_module)
         self._skip = self.batches_done = self._resume()
         self._resumed_samples = self.accumulator.num_samples
@@ -216,10 +217,41 @@ class KFACCallback(Callback):
             n = pl_module.kfac_step(
                 batch, acc, fisher=self.fisher, seed=self.seed, max_samples=remaining, mode=self.mode
             )
+        if n:
+            self._check_sums_finite(batch_idx)
         self.batches_done = batch_idx + 1
         if self._should_save():
             self._save_partial()
         return n
+
+    def _check_weights_finite(self) -> None:
+        """Fail before the pass when a tracked module's weights hold NaN/Inf (a diverged or damaged checkpoint)."""
+        params = [(f"{name}.{p_name}", p) for name, m in self.accumulator.modules.items()
+                  for p_name, p in m.named_parameters(recurse=False)]  # fmt: skip
+        if not params:
+            return
+        finite = torch.stack([torch.isfinite(p.detach()).all() for _, p in params])
+        if not bool(finite.all()):  # one device sync
+            bad = [name for (name, _), ok in zip(params, finite.tolist(), strict=True) if not ok]
+            raise ValueError(
+                f"Non-finite values (NaN/Inf) in the weights of {', '.join(bad)}: the checkpoint is diverged or "
+                "damaged; collect the curvature of a finite model."
+            )
+
+    def _check_sums_finite(self, batch_idx: int) -> None:
+        """Fail at the first batch whose statistics (activations or loss gradients) bring NaN/Inf into the sums."""
+        acc = self.accumulator
+        sums = [(f"{name} ({kind})", t) for kind, store in (("A", acc._A_sums), ("G", acc._G_sums))
+                for name, t in store.items()]  # fmt: skip
+        if not sums:
+            return
+        finite = torch.stack([torch.isfinite(t).all() for _, t in sums])
+        if not bool(finite.all()):  # one device sync per batch
+            bad = [name for (name, _), ok in zip(sums, finite.tolist(), strict=True) if not ok]
+            raise ValueError(
+                f"Non-finite values (NaN/Inf) in the K-FAC statistics of {', '.join(bad)} at batch {batch_idx}: "
+                "the batch's activations or loss are not finite (A: layer inputs, G: output gradients)."
+            )
 
     @override
     def on_predict_batch_end(

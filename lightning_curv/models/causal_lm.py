@@ -349,4 +349,11 @@ class LitCausalLM(CurvatureModule):
     # ------------------------------------------------------------------ export
     @override
     def export(self, path: str) -> None:
-        self.model.save_pretrained(path)
+        """``save_pretrained`` into a temporary folder beside ``path``, renamed into place once complete."""
+        from lightning_curv.utils import atomic_dir
+
+        try:
+            with atomic_dir(path) as tmp:
+                self.model.save_pretrained(str(tmp))
+        except OSError as err:
+            raise OSError(err.errno, f"Could not export the model to {path}: {err.strerror or err}") from err

@@ -445,20 +445,22 @@ class LitViT(CurvatureModule):
 
         if self.model is None:
             raise RuntimeError("Nothing to export: the backbone is not built yet (call configure_model()).")
-        out = Path(path)
-        out.mkdir(parents=True, exist_ok=True)
+        from lightning_curv.utils import atomic_dir
+
         state = {k: v.detach().cpu().contiguous().clone() for k, v in self.model.state_dict().items()}
-        with atomic_path(out / EXPORT_WEIGHTS) as tmp:
-            save_file(state, str(tmp), metadata={"format": "pt"})
-        atomic_write_json(
-            out / EXPORT_CONFIG,
-            {
-                "format": EXPORT_FORMAT,
-                "version": EXPORT_VERSION,
-                "name": self.name,
-                "create_kwargs": dict(self.create_kwargs or {}),
-            },
-        )
+        config = {
+            "format": EXPORT_FORMAT,
+            "version": EXPORT_VERSION,
+            "name": self.name,
+            "create_kwargs": dict(self.create_kwargs or {}),
+        }
+        try:  # the whole folder appears at once, replacing an older export only when complete
+            with atomic_dir(path) as tmp:
+                with atomic_path(tmp / EXPORT_WEIGHTS) as weights:
+                    save_file(state, str(weights), metadata={"format": "pt"})
+                atomic_write_json(tmp / EXPORT_CONFIG, config)
+        except OSError as err:
+            raise OSError(err.errno, f"Could not export the model to {path}: {err.strerror or err}") from err
 
 
 # ---------------------------------------------------------------------------- helpers

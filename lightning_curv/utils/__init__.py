@@ -5,6 +5,7 @@ This package imports only the standard library and torch, so that ``curvature/``
 """
 
 from lightning_curv.utils.files import (
+    atomic_dir,
     atomic_path,
     atomic_torch_save,
     atomic_write,
@@ -16,6 +17,7 @@ from lightning_curv.utils.hashing import file_digest, json_digest, sha256_hex
 from lightning_curv.utils.seeding import name_seed, row_seed, stream_seed
 
 __all__ = [
+    "atomic_dir",
     "atomic_path",
     "atomic_torch_save",
     "atomic_write",

@@ -104,3 +104,41 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
         path: Destination file.
     """
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a fresh temporary folder beside ``path``; on success rename it onto ``path``, on error delete it.
+
+    An existing folder at ``path`` is replaced only once the new one is complete, so an interrupted writer
+    (``save_pretrained`` on a full disk, a kill) leaves the old folder or none, never a half-written one.
+
+    Args:
+        path: Final folder; parent folders are created.
+
+    Yields:
+        The temporary folder to fill.
+    """
+    import shutil
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    old: Path | None = None
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())
+        for file in tmp.rglob("*"):
+            if file.is_file():
+                _fsync(file)
+        if path.exists():
+            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
+            os.replace(path, old / path.name)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            if not path.exists() and (old / path.name).exists():  # the final rename failed: put the old one back
+                os.replace(old / path.name, path)
+            shutil.rmtree(old, ignore_errors=True)
