@@ -81,3 +81,21 @@ def split_batch(batch: dict[str, torch.Tensor], size: int) -> list[dict[str, tor
     """Cut a batch into batches of ``size`` rows."""
     n = batch["input_ids"].shape[0]
     return [{k: v[i : i + size] for k, v in batch.items()} for i in range(0, n, size)]
+
+
+def tinymem_datamodule(tmp_path, eval_batch_size: int = 8):
+    """A small TinyMem data module, prepared and set up, with its cache under ``tmp_path``."""
+    from lightning_curv.data import TinyMemDataModule
+
+    dm = TinyMemDataModule(
+        num_train_per_rule=10,
+        num_heldout_per_rule=4,
+        num_noise=4,
+        noise_duplicates=2,
+        batch_size=8,
+        eval_batch_size=eval_batch_size,
+        cache_dir=str(tmp_path / "cache"),
+    )
+    dm.prepare_data()
+    dm.setup()
+    return dm

@@ -33,6 +33,7 @@ from lightning_curv.metrics import (
 )
 from lightning_curv.models.base import CurvatureModule, KFACMode
 from lightning_curv.models.generation import greedy_generate, longest_prefix_match, prepend_context
+from lightning_curv.utils import atomic_dir
 
 #: MLP projections per architecture (``config.model_type``); the first pattern family that matches is used.
 MLP_PATTERNS: dict[str, tuple[str, ...]] = {
@@ -350,8 +351,6 @@ class LitCausalLM(CurvatureModule):
     @override
     def export(self, path: str) -> None:
         """``save_pretrained`` into a temporary folder beside ``path``, renamed into place once complete."""
-        from lightning_curv.utils import atomic_dir
-
         try:
             with atomic_dir(path) as tmp:
                 self.model.save_pretrained(str(tmp))

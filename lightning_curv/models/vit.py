@@ -57,7 +57,7 @@ from lightning_curv.curvature import KFACAccumulator, classifier_step
 from lightning_curv.data.base import SPLIT_GROUP, EvalSet
 from lightning_curv.metrics.vision import LabelMemorizationMetric
 from lightning_curv.models.base import CurvatureModule, KFACMode
-from lightning_curv.utils import atomic_path, atomic_write_json
+from lightning_curv.utils import atomic_dir
 
 __all__ = [
     "DEFAULT_VIT_NAME",
@@ -445,8 +445,6 @@ class LitViT(CurvatureModule):
 
         if self.model is None:
             raise RuntimeError("Nothing to export: the backbone is not built yet (call configure_model()).")
-        from lightning_curv.utils import atomic_dir
-
         state = {k: v.detach().cpu().contiguous().clone() for k, v in self.model.state_dict().items()}
         config = {
             "format": EXPORT_FORMAT,
@@ -455,10 +453,9 @@ class LitViT(CurvatureModule):
             "create_kwargs": dict(self.create_kwargs or {}),
         }
         try:  # the whole folder appears at once, replacing an older export only when complete
-            with atomic_dir(path) as tmp:
-                with atomic_path(tmp / EXPORT_WEIGHTS) as weights:
-                    save_file(state, str(weights), metadata={"format": "pt"})
-                atomic_write_json(tmp / EXPORT_CONFIG, config)
+            with atomic_dir(path) as tmp:  # the folder is fsynced and renamed whole: no per-file renames needed
+                save_file(state, str(tmp / EXPORT_WEIGHTS), metadata={"format": "pt"})
+                (tmp / EXPORT_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         except OSError as err:
             raise OSError(err.errno, f"Could not export the model to {path}: {err.strerror or err}") from err
 

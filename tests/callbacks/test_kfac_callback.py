@@ -17,10 +17,9 @@ from torch.testing import assert_close
 
 from lightning_curv.callbacks import KFACCallback
 from lightning_curv.curvature import resolve_modules
-from lightning_curv.data import TinyMemDataModule
 from lightning_curv.data.lm import PrefixRows
 from lightning_curv.models import LitCausalLM
-from tests.cases import TINYMEM_LLAMA
+from tests.cases import TINYMEM_LLAMA, tinymem_datamodule
 from tests.reference import reference_lm_factors
 
 TINY = TINYMEM_LLAMA
@@ -28,21 +27,6 @@ PATTERNS = ["model.layers.1.mlp.*"]
 #: 21 samples per full TinyMem training row: the budget ends after 8 positions of the row at index 4.
 BUDGET = 4 * 21 + 8
 FP64 = {"rtol": 1e-10, "atol": 1e-13}  # float64 model and sums, different batching or reduction order
-
-
-def _datamodule(tmp_path, eval_batch_size: int = 8) -> TinyMemDataModule:
-    dm = TinyMemDataModule(
-        num_train_per_rule=10,
-        num_heldout_per_rule=4,
-        num_noise=4,
-        noise_duplicates=2,
-        batch_size=8,
-        eval_batch_size=eval_batch_size,
-        cache_dir=str(tmp_path / "cache"),
-    )
-    dm.prepare_data()
-    dm.setup()
-    return dm
 
 
 def _model() -> LitCausalLM:
@@ -71,12 +55,12 @@ def _collect(tmp_path, eval_batch_size: int, **callback_args: Any) -> KFACCallba
         modules=PATTERNS, fisher="true", seed=3, dtype="float64", output=str(tmp_path / "f.safetensors"),
         **callback_args,
     )  # fmt: skip
-    _trainer(tmp_path, [callback]).predict(_model(), datamodule=_datamodule(tmp_path, eval_batch_size))
+    _trainer(tmp_path, [callback]).predict(_model(), datamodule=tinymem_datamodule(tmp_path, eval_batch_size))
     return callback
 
 
 def test_prefix_rows_stop_at_the_budget_and_cut_the_last_row(tmp_path):
-    dm = _datamodule(tmp_path)
+    dm = tinymem_datamodule(tmp_path)
     prefix = PrefixRows(dm.train_dataset, BUDGET)
     assert len(prefix) == 5
     assert prefix[3] == dm.train_dataset[3]
@@ -103,7 +87,7 @@ def test_budget_equals_the_brute_force_prefix(tmp_path):
     """The counted samples are the first BUDGET positions in order: row by row against tests/reference.py."""
     got = _collect(tmp_path, 3, max_tokens=BUDGET).factors
     model = _model().model
-    rows = [_datamodule(tmp_path).train_dataset[i] for i in range(6)]
+    rows = [tinymem_datamodule(tmp_path).train_dataset[i] for i in range(6)]
     batch = {
         "input_ids": torch.tensor([r["input_ids"] for r in rows]),
         "attention_mask": torch.ones(6, 22, dtype=torch.long),
@@ -126,7 +110,7 @@ class _CountBatches(Callback):
 
 
 def test_no_batch_past_the_budget_is_fetched(tmp_path):
-    dm = _datamodule(tmp_path, eval_batch_size=2)
+    dm = tinymem_datamodule(tmp_path, eval_batch_size=2)
     fetched: list[int] = []
     original = dm.train_dataset.__class__.__getitem__
 
@@ -175,7 +159,7 @@ def test_progress_goes_to_the_loggers_and_metrics_json(tmp_path):
         default_root_dir=str(tmp_path),
     )  # fmt: skip
     options = CollectOptions(modules=PATTERNS, max_tokens=BUDGET)
-    trainer.collect(_model(), datamodule=_datamodule(tmp_path, eval_batch_size=1), options=options)
+    trainer.collect(_model(), datamodule=tinymem_datamodule(tmp_path, eval_batch_size=1), options=options)
     progress = [(m, step) for m, step in logger.calls if "collect/kfac/samples" in m]
     assert [step for _, step in progress] == [0, 2, 4]  # every 2 batches, and the last of the 5 batches
     samples = [m["collect/kfac/samples"] for m, _ in progress]

@@ -11,7 +11,8 @@ from torch.testing import assert_close
 
 from lightning_curv.callbacks import KFACCallback
 from lightning_curv.curvature import load_factors, read_metadata
-from tests.callbacks.test_kfac_callback import BUDGET, FP64, PATTERNS, _datamodule, _model, _trainer
+from tests.callbacks.test_kfac_callback import BUDGET, FP64, PATTERNS, _model, _trainer
+from tests.cases import tinymem_datamodule
 
 pytestmark = pytest.mark.slow  # spawns two Python processes that each import torch, lightning and transformers
 
@@ -33,7 +34,7 @@ def _collect(tmp_path, batch_size: int, **trainer_args) -> Path:
     output = tmp_path / "factors.safetensors"
     callback = KFACCallback(modules=PATTERNS, seed=3, dtype="float64", max_tokens=BUDGET, output=str(output))
     trainer = _trainer(tmp_path, [callback, _RowsPerRank(tmp_path)], **trainer_args)
-    trainer.predict(_model(), datamodule=_datamodule(tmp_path, batch_size), return_predictions=False)
+    trainer.predict(_model(), datamodule=tinymem_datamodule(tmp_path, batch_size), return_predictions=False)
     return output
 
 

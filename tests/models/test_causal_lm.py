@@ -9,27 +9,11 @@ from torch.testing import assert_close
 
 from lightning_curv.callbacks import KFACCallback
 from lightning_curv.curvature import collect_factors, load_factors
-from lightning_curv.data import TinyMemDataModule
 from lightning_curv.models import LitCausalLM
-from tests.cases import TINYMEM_LLAMA
+from tests.cases import TINYMEM_LLAMA, tinymem_datamodule
 
 TINY = TINYMEM_LLAMA
 FP32 = {"rtol": 1e-5, "atol": 1e-7}  # same float32 computation, different batching of the same rows
-
-
-def _datamodule(tmp_path) -> TinyMemDataModule:
-    dm = TinyMemDataModule(
-        num_train_per_rule=10,
-        num_heldout_per_rule=4,
-        num_noise=4,
-        noise_duplicates=2,
-        batch_size=8,
-        eval_batch_size=8,
-        cache_dir=str(tmp_path / "cache"),
-    )
-    dm.prepare_data()
-    dm.setup()
-    return dm
 
 
 def test_init_is_cheap_and_configure_model_builds_the_backbone():
@@ -66,7 +50,7 @@ def test_vocabulary_smaller_than_the_data_is_rejected(tmp_path):
     lit = LitCausalLM(config={**TINY, "vocab_size": 8})
     lit.configure_model()
     with pytest.raises(ValueError, match="vocab_size is 8"):
-        lit.check_data(_datamodule(tmp_path))
+        lit.check_data(tinymem_datamodule(tmp_path))
 
 
 def test_stress_perturbations_move_the_split_and_prepend_context():
@@ -85,7 +69,7 @@ def test_stress_perturbations_move_the_split_and_prepend_context():
 
 
 def test_kfac_callback_equals_direct_curvature_call(tmp_path):
-    dm = _datamodule(tmp_path)
+    dm = tinymem_datamodule(tmp_path)
     lit = LitCausalLM(config=TINY)
     lit.configure_model()
     patterns = ["model.layers.1.mlp.*"]
